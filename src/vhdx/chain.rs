@@ -1,0 +1,292 @@
+//! A differencing chain: the leaf plus its parents, found through parent locators
+//! ([MS-VHDX] §2.6.2.6) and checked for identity, geometry, depth and loops.
+
+use std::path::{Path, PathBuf};
+
+use super::error::{ChainError, Error, Result};
+use super::file::{Source, VhdxFile};
+use super::locator::{self, ParentLocator};
+
+/// The deepest chain we open; real chains (Hyper-V checkpoints) are far shallower.
+pub const MAX_CHAIN_DEPTH: usize = 64;
+
+#[derive(Clone, Debug, Default)]
+pub struct ChainOptions {
+    /// Open the leaf for writing (parents are always read-only).
+    pub writable: bool,
+    /// Explicit locations for moved parents: `parents[0]` is the leaf's parent, `parents[1]`
+    /// the grandparent, and so on. They replace the locator's paths, not its identity check.
+    pub parent_overrides: Vec<PathBuf>,
+}
+
+/// Where a run of the virtual disk is read from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReadSource {
+    Zero,
+    /// `layer` 0 is the leaf.
+    File { layer: usize, offset: u64 },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Extent {
+    pub source: ReadSource,
+    pub len: u64,
+}
+
+pub struct Chain {
+    /// Leaf first.
+    layers: Vec<VhdxFile>,
+}
+
+impl Chain {
+    /// Opens the file at `path` and, if it is a differencing file, its parents.
+    pub fn open(path: &Path, options: &ChainOptions) -> Result<Chain> {
+        let leaf = VhdxFile::open(path, options.writable).map_err(|e| open_error(path, e))?;
+        let mut seen = vec![canonical(path)];
+        let mut layers = vec![leaf];
+        while layers.last().expect("non-empty").is_differencing() {
+            let depth = layers.len();
+            if depth >= MAX_CHAIN_DEPTH {
+                return Err(ChainError::TooDeep(MAX_CHAIN_DEPTH).into());
+            }
+            let child = layers.last().expect("non-empty");
+            let locator = child
+                .metadata
+                .parent_locator
+                .as_ref()
+                .expect("validated: differencing files have a locator");
+            let parent_path = match options.parent_overrides.get(depth - 1) {
+                Some(p) => p.clone(),
+                None => find_parent(child.path(), locator)?,
+            };
+            let key = canonical(&parent_path);
+            if seen.contains(&key) {
+                return Err(ChainError::Loop(parent_path).into());
+            }
+            let parent = VhdxFile::open(&parent_path, false).map_err(|e| open_error(&parent_path, e))?;
+            check_parent(child, locator, &parent)?;
+            seen.push(key);
+            layers.push(parent);
+        }
+        Ok(Chain { layers })
+    }
+
+    /// A chain of already opened files (leaf first), checked like [`Chain::open`] does.
+    pub fn from_layers(layers: Vec<VhdxFile>) -> Result<Chain> {
+        for pair in layers.windows(2) {
+            let locator = pair[0].metadata.parent_locator.as_ref().ok_or_else(|| {
+                Error::InvalidArgument(format!("{} has no parent", pair[0].path().display()))
+            })?;
+            check_parent(&pair[0], locator, &pair[1])?;
+        }
+        Ok(Chain { layers })
+    }
+
+    pub fn leaf(&self) -> &VhdxFile {
+        &self.layers[0]
+    }
+
+    pub fn layers(&self) -> &[VhdxFile] {
+        &self.layers
+    }
+
+    pub fn virtual_size(&self) -> u64 {
+        self.leaf().virtual_size()
+    }
+
+    pub fn logical_sector_size(&self) -> u32 {
+        self.leaf().logical_sector_size()
+    }
+
+    /// Checks that a guest-visible range is sector-aligned and inside the disk.
+    pub fn check_range(&self, offset: u64, len: u64) -> Result<()> {
+        let lss = u64::from(self.logical_sector_size());
+        let end = offset.checked_add(len);
+        if offset % lss != 0 || len % lss != 0 {
+            return Err(Error::InvalidArgument(format!(
+                "range {offset:#x}+{len:#x} is not aligned to the {lss}-byte sector"
+            )));
+        }
+        if end.is_none_or(|end| end > self.virtual_size()) {
+            return Err(Error::InvalidArgument(format!(
+                "range {offset:#x}+{len:#x} ends beyond the disk size {:#x}",
+                self.virtual_size()
+            )));
+        }
+        Ok(())
+    }
+
+    /// Appends to `out` the runs that make up `[offset, offset + len)`, adjacent runs merged.
+    pub fn resolve(&self, offset: u64, len: u64, out: &mut Vec<Extent>) -> Result<()> {
+        self.check_range(offset, len)?;
+        self.resolve_layer(0, offset, len, out)
+    }
+
+    fn resolve_layer(&self, layer: usize, offset: u64, len: u64, out: &mut Vec<Extent>) -> Result<()> {
+        let Some(file) = self.layers.get(layer) else {
+            push_merged(out, ReadSource::Zero, len);
+            return Ok(());
+        };
+        let mut runs: Vec<(Source, u64)> = Vec::new();
+        file.map(offset, len, &mut |s, l| runs.push((s, l)))?;
+        let mut pos = offset;
+        for (source, l) in runs {
+            match source {
+                Source::Zero => push_merged(out, ReadSource::Zero, l),
+                Source::Data(o) => push_merged(out, ReadSource::File { layer, offset: o }, l),
+                Source::Parent => self.resolve_layer(layer + 1, pos, l, out)?,
+            }
+            pos += l;
+        }
+        Ok(())
+    }
+
+    /// Reads `buf.len()` bytes of the virtual disk at `offset` (sector-aligned).
+    pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        let mut extents = Vec::new();
+        self.resolve(offset, buf.len() as u64, &mut extents)?;
+        let mut at = 0usize;
+        for e in extents {
+            let dst = &mut buf[at..at + e.len as usize];
+            match e.source {
+                ReadSource::Zero => dst.fill(0),
+                ReadSource::File { layer, offset } => {
+                    self.layers[layer]
+                        .storage()
+                        .read_at(dst, offset)
+                        .map_err(|err| Error::io(format!("reading {}", self.layers[layer].path().display()), err))?;
+                }
+            }
+            at += e.len as usize;
+        }
+        Ok(())
+    }
+}
+
+fn push_merged(out: &mut Vec<Extent>, source: ReadSource, len: u64) {
+    if let Some(last) = out.last_mut() {
+        let joins = match (last.source, source) {
+            (ReadSource::Zero, ReadSource::Zero) => true,
+            (
+                ReadSource::File { layer: a, offset: oa },
+                ReadSource::File { layer: b, offset: ob },
+            ) => a == b && oa + last.len == ob,
+            _ => false,
+        };
+        if joins {
+            last.len += len;
+            return;
+        }
+    }
+    out.push(Extent { source, len });
+}
+
+fn canonical(path: &Path) -> PathBuf {
+    std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf())
+}
+
+fn open_error(path: &Path, e: Error) -> Error {
+    match e {
+        Error::Chain(c) => Error::Chain(c),
+        other => ChainError::Open {
+            path: path.to_path_buf(),
+            source: Box::new(other),
+        }
+        .into(),
+    }
+}
+
+/// A Windows path from a locator, in this host's terms: `\` becomes `/`, and the extended-length
+/// prefix `\\?\` is dropped.
+fn host_path(windows: &str) -> PathBuf {
+    let stripped = windows.strip_prefix(r"\\?\").unwrap_or(windows);
+    PathBuf::from(stripped.replace('\\', "/"))
+}
+
+/// Tries the locator's paths in the spec's order: relative_path against the child's directory,
+/// then the absolute forms that exist on this host.
+fn find_parent(child: &Path, locator: &ParentLocator) -> Result<PathBuf> {
+    let dir = child.parent().unwrap_or(Path::new("."));
+    let mut tried = Vec::new();
+    if let Some(rel) = locator.get(locator::KEY_RELATIVE_PATH) {
+        let p = dir.join(host_path(rel));
+        if p.is_file() {
+            return Ok(p);
+        }
+        tried.push(format!("relative_path {rel:?} → {}", p.display()));
+    }
+    for key in [locator::KEY_ABSOLUTE_WIN32_PATH, locator::KEY_VOLUME_PATH] {
+        if let Some(abs) = locator.get(key) {
+            let p = host_path(abs);
+            if p.is_absolute() && p.is_file() {
+                return Ok(p);
+            }
+            tried.push(format!("{key} {abs:?}"));
+        }
+    }
+    Err(ChainError::ParentNotFound {
+        child: child.to_path_buf(),
+        tried: tried.join(", "),
+    }
+    .into())
+}
+
+fn check_parent(child: &VhdxFile, locator: &ParentLocator, parent: &VhdxFile) -> Result<()> {
+    let linkages = locator.linkages();
+    if !linkages.contains(&parent.data_write_guid()) {
+        return Err(ChainError::LinkageMismatch {
+            child: child.path().to_path_buf(),
+            parent: parent.path().to_path_buf(),
+            expected: linkages
+                .iter()
+                .map(|g| locator::format_guid_string(*g))
+                .collect::<Vec<_>>()
+                .join(" or "),
+            found: parent.data_write_guid(),
+        }
+        .into());
+    }
+    if parent.logical_sector_size() != child.logical_sector_size() {
+        return Err(ChainError::SectorSizeMismatch {
+            child: child.path().to_path_buf(),
+            parent: parent.path().to_path_buf(),
+            child_size: child.logical_sector_size(),
+            parent_size: parent.logical_sector_size(),
+        }
+        .into());
+    }
+    if parent.virtual_size() != child.virtual_size() {
+        return Err(ChainError::VirtualSizeMismatch {
+            child: child.path().to_path_buf(),
+            parent: parent.path().to_path_buf(),
+            child_size: child.virtual_size(),
+            parent_size: parent.virtual_size(),
+        }
+        .into());
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn windows_paths_become_host_paths() {
+        assert_eq!(host_path(r"..\base\p.vhdx"), PathBuf::from("../base/p.vhdx"));
+        assert_eq!(host_path(r"\\?\\srv\img\p.vhdx"), PathBuf::from("/srv/img/p.vhdx"));
+    }
+
+    #[test]
+    fn merging_joins_only_contiguous_runs() {
+        let mut v = Vec::new();
+        push_merged(&mut v, ReadSource::Zero, 512);
+        push_merged(&mut v, ReadSource::Zero, 512);
+        push_merged(&mut v, ReadSource::File { layer: 0, offset: 4096 }, 512);
+        push_merged(&mut v, ReadSource::File { layer: 0, offset: 4608 }, 512);
+        push_merged(&mut v, ReadSource::File { layer: 1, offset: 5120 }, 512);
+        assert_eq!(v.len(), 3);
+        assert_eq!(v[0].len, 1024);
+        assert_eq!(v[1].len, 1024);
+    }
+}

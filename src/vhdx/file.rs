@@ -1,0 +1,330 @@
+//! One open VHDX file: the open sequence (identifier, headers, log replay, regions, metadata,
+//! BAT) and the resolution of a virtual range into where its bytes come from.
+
+use std::fs::{File, OpenOptions};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use uuid::Uuid;
+
+use super::bat::{Bat, Geometry, Occupied};
+use super::bitmap;
+use super::error::{Corruption, Error, Result};
+use super::format::*;
+use super::header::{self, Headers};
+use super::log::{self, ReplayPlan};
+use super::metadata::{self, Metadata};
+use super::region::{self, RegionTable};
+use super::storage::{OverlayStorage, Storage};
+
+/// Where the bytes of a run of a file's virtual disk come from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Source {
+    /// The run reads as zeros.
+    Zero,
+    /// The run is in this file at this byte offset.
+    Data(u64),
+    /// The run is not in this file: read it from the parent.
+    Parent,
+}
+
+/// What happened to the log when the file was opened.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogState {
+    /// LogGuid was zero: nothing to replay.
+    Clean,
+    /// The log was replayed into the file and the header cleaned.
+    Replayed { entries: usize },
+    /// A read-only open replayed the log in memory; the file on disk is unchanged and still dirty.
+    ReplayedInMemory { entries: usize },
+}
+
+pub struct VhdxFile {
+    path: PathBuf,
+    storage: Arc<dyn Storage>,
+    pub creator: String,
+    pub headers: Headers,
+    pub regions: RegionTable,
+    pub metadata: Metadata,
+    pub bat: Bat,
+    pub log_state: LogState,
+    writable: bool,
+}
+
+impl std::fmt::Debug for VhdxFile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VhdxFile")
+            .field("path", &self.path)
+            .field("metadata", &self.metadata)
+            .field("log_state", &self.log_state)
+            .finish_non_exhaustive()
+    }
+}
+
+impl VhdxFile {
+    /// Opens the file at `path`, read-only or read-write.
+    pub fn open(path: &Path, writable: bool) -> Result<VhdxFile> {
+        let file: File = OpenOptions::new()
+            .read(true)
+            .write(writable)
+            .open(path)
+            .map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
+        Self::open_storage(Arc::new(file), path.to_path_buf(), writable)
+    }
+
+    /// Opens a VHDX held by any [`Storage`]; `path` is used for messages and to find parents.
+    pub fn open_storage(storage: Arc<dyn Storage>, path: PathBuf, writable: bool) -> Result<VhdxFile> {
+        let size = storage.len().map_err(|e| Error::io("reading the file size", e))?;
+        if size < HEADER_SECTION_SIZE {
+            return Err(Corruption::FileTooSmall { size }.into());
+        }
+        let creator = header::read_file_identifier(&*storage)?;
+        let mut headers = header::read_headers(&*storage)?;
+        let log_extent = log_extent(&headers, size)?;
+
+        let mut storage = storage;
+        let mut log_state = LogState::Clean;
+        if headers.current.has_log_to_replay() {
+            let (log_offset, log_length) = log_extent.expect("a log to replay has an extent");
+            let plan = log::find_active_sequence(
+                &*storage,
+                log_offset,
+                log_length,
+                headers.current.log_guid,
+                size,
+            )?;
+            if writable {
+                replay_into_file(&*storage, &mut headers, &plan)?;
+                log_state = LogState::Replayed {
+                    entries: plan.entries,
+                };
+            } else {
+                storage = Arc::new(overlay(storage, size, &plan));
+                log_state = LogState::ReplayedInMemory {
+                    entries: plan.entries,
+                };
+            }
+        }
+
+        let size = storage.len().map_err(|e| Error::io("reading the file size", e))?;
+        let regions = region::read_region_table(&*storage, size, log_extent)?;
+        let metadata = metadata::read_metadata(&*storage, &regions.metadata())?;
+        let geometry = Geometry {
+            block_size: metadata.block_size,
+            logical_sector_size: metadata.logical_sector_size,
+            virtual_disk_size: metadata.virtual_disk_size,
+            has_parent: metadata.has_parent,
+        };
+        let mut occupied = vec![Occupied {
+            offset: 0,
+            length: HEADER_SECTION_SIZE,
+            what: "the header section".into(),
+        }];
+        if let Some((offset, length)) = log_extent {
+            occupied.push(Occupied {
+                offset,
+                length,
+                what: format!("the log at {offset:#x}"),
+            });
+        }
+        for r in &regions.regions {
+            occupied.push(Occupied {
+                offset: r.file_offset,
+                length: r.length,
+                what: format!("the region {} at {:#x}", r.guid, r.file_offset),
+            });
+        }
+        let bat_region = regions.bat();
+        let bat = Bat::load(
+            &*storage,
+            geometry,
+            bat_region.file_offset,
+            bat_region.length,
+            size,
+            &occupied,
+        )?;
+        Ok(VhdxFile {
+            path,
+            storage,
+            creator,
+            headers,
+            regions,
+            metadata,
+            bat,
+            log_state,
+            writable,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn storage(&self) -> &Arc<dyn Storage> {
+        &self.storage
+    }
+
+    pub fn is_writable(&self) -> bool {
+        self.writable
+    }
+
+    pub fn geometry(&self) -> Geometry {
+        self.bat.geometry
+    }
+
+    pub fn virtual_size(&self) -> u64 {
+        self.metadata.virtual_disk_size
+    }
+
+    pub fn logical_sector_size(&self) -> u32 {
+        self.metadata.logical_sector_size
+    }
+
+    pub fn data_write_guid(&self) -> Uuid {
+        self.headers.current.data_write_guid
+    }
+
+    pub fn is_differencing(&self) -> bool {
+        self.metadata.has_parent
+    }
+
+    /// Calls `f(source, length)` for consecutive runs covering `[offset, offset + length)` of
+    /// the virtual disk, merging neighbours of the same kind. The range must be sector-aligned
+    /// and inside the disk (the chain checks).
+    pub fn map(&self, offset: u64, length: u64, f: &mut dyn FnMut(Source, u64)) -> Result<()> {
+        let g = self.geometry();
+        let block_size = u64::from(g.block_size);
+        let lss = u64::from(g.logical_sector_size);
+        let mut merged = Merger::new(f);
+        let mut pos = offset;
+        let end = offset + length;
+        while pos < end {
+            let block = pos / block_size;
+            let in_block = pos % block_size;
+            let n = (block_size - in_block).min(end - pos);
+            let (state, entry) = self.bat.payload(block);
+            match state {
+                PayloadBlockState::FullyPresent => {
+                    merged.push(Source::Data(entry.file_offset() + in_block), n)
+                }
+                PayloadBlockState::NotPresent if g.has_parent => merged.push(Source::Parent, n),
+                PayloadBlockState::NotPresent
+                | PayloadBlockState::Undefined
+                | PayloadBlockState::Zero
+                | PayloadBlockState::Unmapped => merged.push(Source::Zero, n),
+                PayloadBlockState::PartiallyPresent => {
+                    let chunk = block / g.chunk_ratio();
+                    let sb_offset = self.bat.bitmap(chunk).file_offset();
+                    let first_bit = (block % g.chunk_ratio()) * g.sectors_per_block() + in_block / lss;
+                    let bits = n / lss;
+                    let byte_start = first_bit / 8;
+                    let byte_end = (first_bit + bits).div_ceil(8);
+                    let mut buf = vec![0u8; (byte_end - byte_start) as usize];
+                    self.storage
+                        .read_at(&mut buf, sb_offset + byte_start)
+                        .map_err(|e| Error::io("reading a sector bitmap", e))?;
+                    let data_base = entry.file_offset() + in_block;
+                    bitmap::for_each_run(&buf, first_bit % 8, bits, |present, start, count| {
+                        let run_off = (start - first_bit % 8) * lss;
+                        let source = if present {
+                            Source::Data(data_base + run_off)
+                        } else {
+                            Source::Parent
+                        };
+                        merged.push(source, count * lss);
+                    });
+                }
+            }
+            pos += n;
+        }
+        merged.finish();
+        Ok(())
+    }
+}
+
+/// Merges adjacent runs of the same kind before handing them on.
+struct Merger<'a> {
+    f: &'a mut dyn FnMut(Source, u64),
+    pending: Option<(Source, u64)>,
+}
+
+impl<'a> Merger<'a> {
+    fn new(f: &'a mut dyn FnMut(Source, u64)) -> Self {
+        Merger { f, pending: None }
+    }
+
+    fn push(&mut self, source: Source, len: u64) {
+        if let Some((s, l)) = &mut self.pending {
+            let joins = match (*s, source) {
+                (Source::Zero, Source::Zero) | (Source::Parent, Source::Parent) => true,
+                (Source::Data(a), Source::Data(b)) => a + *l == b,
+                _ => false,
+            };
+            if joins {
+                *l += len;
+                return;
+            }
+            (self.f)(*s, *l);
+        }
+        self.pending = Some((source, len));
+    }
+
+    fn finish(&mut self) {
+        if let Some((s, l)) = self.pending.take() {
+            (self.f)(s, l);
+        }
+    }
+}
+
+/// The log's place in the file, checked, or `None` when the file has no log.
+fn log_extent(headers: &Headers, size: u64) -> Result<Option<(u64, u64)>> {
+    let h = &headers.current;
+    if h.log_length == 0 {
+        return Ok(None);
+    }
+    let (offset, length) = (h.log_offset, u64::from(h.log_length));
+    if offset < HEADER_SECTION_SIZE || !is_aligned(offset, MIB) || !is_aligned(length, MIB) {
+        return Err(Corruption::BadLogLocation { offset, length }.into());
+    }
+    if offset.checked_add(length).is_none_or(|end| end > size) {
+        return Err(Corruption::BeyondEndOfFile {
+            what: "the log".into(),
+            offset,
+            length,
+            file_size: size,
+        }
+        .into());
+    }
+    Ok(Some((offset, length)))
+}
+
+/// Replays the log into a writable file. The first header update of the session gets new
+/// File- and DataWriteGuids before anything else changes (replay modifies the file and its
+/// metadata, §6.9 of the notes); once the changes are durable, the log is closed.
+fn replay_into_file(storage: &dyn Storage, headers: &mut Headers, plan: &ReplayPlan) -> Result<()> {
+    let mut h = headers.current;
+    h.file_write_guid = Uuid::new_v4();
+    h.data_write_guid = Uuid::new_v4();
+    headers.update(storage, h)?;
+    log::replay::apply(storage, plan)?;
+    let mut h = headers.current;
+    h.log_guid = Uuid::nil();
+    headers.update(storage, h)
+}
+
+fn overlay(base: Arc<dyn Storage>, size: u64, plan: &ReplayPlan) -> OverlayStorage {
+    let mut ov = OverlayStorage::new(base, size);
+    for op in &plan.ops {
+        match op {
+            log::LogOp::Data { file_offset, data } => ov.write_page(*file_offset, data.clone()),
+            log::LogOp::Zero {
+                file_offset,
+                length,
+            } => ov.write_zeros(*file_offset, *length),
+        }
+    }
+    if plan.min_file_size > size {
+        ov.write_zeros(size, plan.min_file_size - size);
+    }
+    ov
+}

@@ -1,0 +1,25 @@
+//! The VHDX engine: pure Rust, no virtio knowledge, no `unsafe`.
+//!
+//! One module per on-disk concept, named as in [MS-VHDX]: `format` (structures and constants),
+//! `header`, `region`, `metadata`, `locator`, `bat`, `bitmap`, `log`; then `file` (one open file),
+//! `chain` (a leaf and its parents), `create` and `check`.
+#![forbid(unsafe_code)]
+
+pub mod bat;
+pub mod bitmap;
+pub mod chain;
+pub mod error;
+pub mod file;
+pub mod format;
+pub mod header;
+pub mod locator;
+pub mod log;
+pub mod metadata;
+pub mod region;
+pub mod storage;
+
+pub use chain::{Chain, ChainOptions, Extent, ReadSource};
+pub use error::{ChainError, Corruption, Error, Result};
+pub use file::{LogState, Source, VhdxFile};
+pub use format::PayloadBlockState;
+pub use storage::{MemStorage, Storage};
