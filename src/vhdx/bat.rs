@@ -23,7 +23,8 @@ pub struct Geometry {
 impl Geometry {
     /// Payload blocks per sector bitmap block: (2^23 × logical sector size) / block size.
     pub fn chunk_ratio(&self) -> u64 {
-        (SECTORS_PER_BITMAP_BLOCK * u64::from(self.logical_sector_size)) / u64::from(self.block_size)
+        (SECTORS_PER_BITMAP_BLOCK * u64::from(self.logical_sector_size))
+            / u64::from(self.block_size)
     }
 
     pub fn payload_blocks(&self) -> u64 {
@@ -229,7 +230,10 @@ fn validate(geometry: &Geometry, raw: &[u64], file_size: u64, occupied: &[Occupi
         // A final payload block may stop short of the end of the file (old qemu fixed images);
         // the missing bytes read as zeros. A block that starts at or past the end is corrupt.
         if offset >= file_size {
-            return Err(bad_offset(format!("starts beyond the end of the file ({file_size:#x})")).into());
+            return Err(bad_offset(format!(
+                "starts beyond the end of the file ({file_size:#x})"
+            ))
+            .into());
         }
         for o in occupied {
             if ranges_overlap(offset, length, o.offset, o.length) {

@@ -86,7 +86,9 @@ mod tests {
         let mut state = 12345u64;
         let mut bits = vec![0u8; 256];
         for b in bits.iter_mut() {
-            state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             *b = match state >> 62 {
                 0 => 0,
                 1 => 0xff,

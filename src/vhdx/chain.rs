@@ -24,7 +24,10 @@ pub struct ChainOptions {
 pub enum ReadSource {
     Zero,
     /// `layer` 0 is the leaf.
-    File { layer: usize, offset: u64 },
+    File {
+        layer: usize,
+        offset: u64,
+    },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -63,7 +66,8 @@ impl Chain {
             if seen.contains(&key) {
                 return Err(ChainError::Loop(parent_path).into());
             }
-            let parent = VhdxFile::open(&parent_path, false).map_err(|e| open_error(&parent_path, e))?;
+            let parent =
+                VhdxFile::open(&parent_path, false).map_err(|e| open_error(&parent_path, e))?;
             check_parent(child, locator, &parent)?;
             seen.push(key);
             layers.push(parent);
@@ -122,7 +126,13 @@ impl Chain {
         self.resolve_layer(0, offset, len, out)
     }
 
-    fn resolve_layer(&self, layer: usize, offset: u64, len: u64, out: &mut Vec<Extent>) -> Result<()> {
+    fn resolve_layer(
+        &self,
+        layer: usize,
+        offset: u64,
+        len: u64,
+        out: &mut Vec<Extent>,
+    ) -> Result<()> {
         let Some(file) = self.layers.get(layer) else {
             push_merged(out, ReadSource::Zero, len);
             return Ok(());
@@ -154,7 +164,12 @@ impl Chain {
                     self.layers[layer]
                         .storage()
                         .read_at(dst, offset)
-                        .map_err(|err| Error::io(format!("reading {}", self.layers[layer].path().display()), err))?;
+                        .map_err(|err| {
+                            Error::io(
+                                format!("reading {}", self.layers[layer].path().display()),
+                                err,
+                            )
+                        })?;
                 }
             }
             at += e.len as usize;
@@ -168,8 +183,14 @@ fn push_merged(out: &mut Vec<Extent>, source: ReadSource, len: u64) {
         let joins = match (last.source, source) {
             (ReadSource::Zero, ReadSource::Zero) => true,
             (
-                ReadSource::File { layer: a, offset: oa },
-                ReadSource::File { layer: b, offset: ob },
+                ReadSource::File {
+                    layer: a,
+                    offset: oa,
+                },
+                ReadSource::File {
+                    layer: b,
+                    offset: ob,
+                },
             ) => a == b && oa + last.len == ob,
             _ => false,
         };
@@ -273,8 +294,14 @@ mod tests {
 
     #[test]
     fn windows_paths_become_host_paths() {
-        assert_eq!(host_path(r"..\base\p.vhdx"), PathBuf::from("../base/p.vhdx"));
-        assert_eq!(host_path(r"\\?\\srv\img\p.vhdx"), PathBuf::from("/srv/img/p.vhdx"));
+        assert_eq!(
+            host_path(r"..\base\p.vhdx"),
+            PathBuf::from("../base/p.vhdx")
+        );
+        assert_eq!(
+            host_path(r"\\?\\srv\img\p.vhdx"),
+            PathBuf::from("/srv/img/p.vhdx")
+        );
     }
 
     #[test]
@@ -282,9 +309,30 @@ mod tests {
         let mut v = Vec::new();
         push_merged(&mut v, ReadSource::Zero, 512);
         push_merged(&mut v, ReadSource::Zero, 512);
-        push_merged(&mut v, ReadSource::File { layer: 0, offset: 4096 }, 512);
-        push_merged(&mut v, ReadSource::File { layer: 0, offset: 4608 }, 512);
-        push_merged(&mut v, ReadSource::File { layer: 1, offset: 5120 }, 512);
+        push_merged(
+            &mut v,
+            ReadSource::File {
+                layer: 0,
+                offset: 4096,
+            },
+            512,
+        );
+        push_merged(
+            &mut v,
+            ReadSource::File {
+                layer: 0,
+                offset: 4608,
+            },
+            512,
+        );
+        push_merged(
+            &mut v,
+            ReadSource::File {
+                layer: 1,
+                offset: 5120,
+            },
+            512,
+        );
         assert_eq!(v.len(), 3);
         assert_eq!(v[0].len, 1024);
         assert_eq!(v[1].len, 1024);

@@ -69,7 +69,9 @@ pub enum Corruption {
     FileTooSmall { size: u64 },
     #[error("no \"vhdxfile\" signature at offset 0")]
     BadFileSignature,
-    #[error("neither header is valid (header 1 at 0x10000: {first}; header 2 at 0x20000: {second})")]
+    #[error(
+        "neither header is valid (header 1 at 0x10000: {first}; header 2 at 0x20000: {second})"
+    )]
     NoValidHeader { first: String, second: String },
     #[error("both headers are valid with the same sequence number {sequence} but differ")]
     HeaderSequenceTie { sequence: u64 },
@@ -81,7 +83,9 @@ pub enum Corruption {
     },
     #[error("header sequence number {0:#x} cannot be incremented")]
     HeaderSequenceOverflow(u64),
-    #[error("neither region table is valid (table 1 at 0x30000: {first}; table 2 at 0x40000: {second})")]
+    #[error(
+        "neither region table is valid (table 1 at 0x30000: {first}; table 2 at 0x40000: {second})"
+    )]
     NoValidRegionTable { first: String, second: String },
     #[error("region table at {offset:#x}: entry count {count} exceeds 2047")]
     RegionTableTooManyEntries { offset: u64, count: u32 },
@@ -90,8 +94,14 @@ pub enum Corruption {
     #[error("region table: required region {0} (BAT or metadata) is missing")]
     MissingRegion(&'static str),
     #[error("region {guid}: offset {offset:#x} length {length:#x} is not 1 MiB-aligned or starts inside the header section")]
-    RegionMisaligned { guid: Uuid, offset: u64, length: u64 },
-    #[error("{what} at {offset:#x} length {length:#x} ends beyond the end of the file ({file_size:#x})")]
+    RegionMisaligned {
+        guid: Uuid,
+        offset: u64,
+        length: u64,
+    },
+    #[error(
+        "{what} at {offset:#x} length {length:#x} ends beyond the end of the file ({file_size:#x})"
+    )]
     BeyondEndOfFile {
         what: String,
         offset: u64,
@@ -137,7 +147,9 @@ pub enum Corruption {
     UnexpectedParentLocator,
     #[error("parent locator: {0}")]
     BadParentLocator(String),
-    #[error("BAT region length {region_length:#x} is smaller than the {entries} entries the disk needs")]
+    #[error(
+        "BAT region length {region_length:#x} is smaller than the {entries} entries the disk needs"
+    )]
     BatTooSmall { region_length: u64, entries: u64 },
     #[error("BAT entry {index} ({entry:#x}): state {state} is not valid for {context}")]
     BadBlockState {
@@ -154,7 +166,11 @@ pub enum Corruption {
         reason: String,
     },
     #[error("BAT entries {first} and {second} both point at file offset {offset:#x}")]
-    DuplicateBlockOffset { first: u64, second: u64, offset: u64 },
+    DuplicateBlockOffset {
+        first: u64,
+        second: u64,
+        offset: u64,
+    },
     #[error("BAT entry {index}: PARTIALLY_PRESENT block in chunk {chunk} whose sector bitmap block is not present")]
     MissingSectorBitmap { index: u64, chunk: u64 },
     #[error("log at {offset:#x} length {length:#x} is not 1 MiB-aligned or lies inside the header section")]
@@ -186,7 +202,9 @@ pub enum ChainError {
         child_size: u32,
         parent_size: u32,
     },
-    #[error("parent {parent} has virtual size {parent_size}, but its child {child} has {child_size}")]
+    #[error(
+        "parent {parent} has virtual size {parent_size}, but its child {child} has {child_size}"
+    )]
     VirtualSizeMismatch {
         child: PathBuf,
         parent: PathBuf,

@@ -73,8 +73,14 @@ impl VhdxFile {
     }
 
     /// Opens a VHDX held by any [`Storage`]; `path` is used for messages and to find parents.
-    pub fn open_storage(storage: Arc<dyn Storage>, path: PathBuf, writable: bool) -> Result<VhdxFile> {
-        let size = storage.len().map_err(|e| Error::io("reading the file size", e))?;
+    pub fn open_storage(
+        storage: Arc<dyn Storage>,
+        path: PathBuf,
+        writable: bool,
+    ) -> Result<VhdxFile> {
+        let size = storage
+            .len()
+            .map_err(|e| Error::io("reading the file size", e))?;
         if size < HEADER_SECTION_SIZE {
             return Err(Corruption::FileTooSmall { size }.into());
         }
@@ -106,7 +112,9 @@ impl VhdxFile {
             }
         }
 
-        let size = storage.len().map_err(|e| Error::io("reading the file size", e))?;
+        let size = storage
+            .len()
+            .map_err(|e| Error::io("reading the file size", e))?;
         let regions = region::read_region_table(&*storage, size, log_extent)?;
         let metadata = metadata::read_metadata(&*storage, &regions.metadata())?;
         let geometry = Geometry {
@@ -215,7 +223,8 @@ impl VhdxFile {
                 PayloadBlockState::PartiallyPresent => {
                     let chunk = block / g.chunk_ratio();
                     let sb_offset = self.bat.bitmap(chunk).file_offset();
-                    let first_bit = (block % g.chunk_ratio()) * g.sectors_per_block() + in_block / lss;
+                    let first_bit =
+                        (block % g.chunk_ratio()) * g.sectors_per_block() + in_block / lss;
                     let bits = n / lss;
                     let byte_start = first_bit / 8;
                     let byte_end = (first_bit + bits).div_ceil(8);

@@ -169,13 +169,9 @@ impl Headers {
     /// next sequence number, flushed, then once more so that both slots hold it.
     pub fn update(&mut self, storage: &dyn Storage, new: Header) -> Result<()> {
         for _ in 0..2 {
-            let sequence_number = self
-                .current
-                .sequence_number
-                .checked_add(1)
-                .ok_or(Corruption::HeaderSequenceOverflow(
-                    self.current.sequence_number,
-                ))?;
+            let sequence_number = self.current.sequence_number.checked_add(1).ok_or(
+                Corruption::HeaderSequenceOverflow(self.current.sequence_number),
+            )?;
             let header = Header {
                 sequence_number,
                 ..new

@@ -26,7 +26,10 @@ fn bad(reason: impl Into<String>) -> Error {
 
 fn utf16le(bytes: &[u8], what: &str) -> Result<String> {
     if bytes.len() % 2 != 0 {
-        return Err(bad(format!("{what} has an odd byte length {}", bytes.len())));
+        return Err(bad(format!(
+            "{what} has an odd byte length {}",
+            bytes.len()
+        )));
     }
     let units: Vec<u16> = bytes
         .chunks_exact(2)
@@ -57,8 +60,12 @@ pub fn format_guid_string(g: Uuid) -> String {
 
 impl ParentLocator {
     pub fn parse(item: &[u8]) -> Result<ParentLocator> {
-        let (header, _) = ParentLocatorHeader::read_from_prefix(item)
-            .map_err(|_| bad(format!("item is {} bytes, shorter than its header", item.len())))?;
+        let (header, _) = ParentLocatorHeader::read_from_prefix(item).map_err(|_| {
+            bad(format!(
+                "item is {} bytes, shorter than its header",
+                item.len()
+            ))
+        })?;
         let locator_type = guid_from_disk(header.locator_type);
         if locator_type != VHDX_LOCATOR_TYPE_GUID {
             return Err(Error::Unsupported(format!(
@@ -80,8 +87,7 @@ impl ParentLocator {
                 .0;
             let slice = |off: u32, len: u16, what: &str| -> Result<&[u8]> {
                 let (off, len) = (off as usize, usize::from(len));
-                if off == 0 || len == 0 || off.checked_add(len).is_none_or(|end| end > item.len())
-                {
+                if off == 0 || len == 0 || off.checked_add(len).is_none_or(|end| end > item.len()) {
                     return Err(bad(format!(
                         "entry {i}: {what} at {off} length {len} is empty or outside the item"
                     )));
@@ -223,7 +229,10 @@ mod tests {
             entries: vec![(KEY_RELATIVE_PATH.into(), "p.vhdx".into())],
         };
         let err = ParentLocator::parse(&l.to_bytes().unwrap()).unwrap_err();
-        assert!(err.to_string().contains("parent_linkage is missing"), "{err}");
+        assert!(
+            err.to_string().contains("parent_linkage is missing"),
+            "{err}"
+        );
     }
 
     #[test]

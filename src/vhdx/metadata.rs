@@ -218,7 +218,10 @@ pub fn read_metadata(storage: &dyn Storage, region: &Region) -> Result<Metadata>
             .try_into()
             .expect("16 bytes"),
     );
-    let parent_locator = match (read_item(PARENT_LOCATOR_GUID, "parent locator")?, has_parent) {
+    let parent_locator = match (
+        read_item(PARENT_LOCATOR_GUID, "parent locator")?,
+        has_parent,
+    ) {
         (Some(bytes), true) => Some(ParentLocator::parse(&bytes)?),
         (None, true) => return Err(Corruption::MissingParentLocator.into()),
         (Some(_), false) => return Err(Corruption::UnexpectedParentLocator.into()),
@@ -254,8 +257,8 @@ pub fn build_region(meta: &Metadata, region_length: u64) -> Result<Vec<u8>> {
             data,
         ));
     };
-    let flags = u32::from(meta.leave_block_allocated) * FILE_PARAM_LEAVE_BLOCK_ALLOCATED
-        | u32::from(meta.has_parent) * FILE_PARAM_HAS_PARENT;
+    let flags = (u32::from(meta.leave_block_allocated) * FILE_PARAM_LEAVE_BLOCK_ALLOCATED)
+        | (u32::from(meta.has_parent) * FILE_PARAM_HAS_PARENT);
     let fp = FileParameters {
         block_size: U32::new(meta.block_size),
         flags: U32::new(flags),

@@ -8,6 +8,8 @@
 pub mod bat;
 pub mod bitmap;
 pub mod chain;
+pub mod check;
+pub mod create;
 pub mod error;
 pub mod file;
 pub mod format;

@@ -73,7 +73,9 @@ fn parse_table(
     offset: u64,
     copy: usize,
 ) -> std::result::Result<Result<RegionTable>, String> {
-    let header = RegionTableHeader::read_from_prefix(buf).expect("64K > 16").0;
+    let header = RegionTableHeader::read_from_prefix(buf)
+        .expect("64K > 16")
+        .0;
     if &header.signature != SIG_REGION {
         return Err("bad signature".into());
     }
@@ -90,7 +92,9 @@ fn parse_entries(buf: &[u8], offset: u64, copy: usize, count: u32) -> Result<Reg
     let mut regions: Vec<Region> = Vec::with_capacity(count as usize);
     for i in 0..count as usize {
         let at = 16 + i * 32;
-        let e = RegionTableEntry::read_from_prefix(&buf[at..]).expect("in table").0;
+        let e = RegionTableEntry::read_from_prefix(&buf[at..])
+            .expect("in table")
+            .0;
         let region = Region {
             guid: guid_from_disk(e.guid),
             file_offset: e.file_offset.get(),
@@ -254,7 +258,10 @@ mod tests {
         let t = table(known(2 * MIB, 2 * MIB));
         let m = storage_with(&t, [true, true]);
         let err = read_region_table(&m, 8 * MIB, None).unwrap_err();
-        assert!(matches!(err.corruption(), Some(Corruption::Overlap { .. })), "{err}");
+        assert!(
+            matches!(err.corruption(), Some(Corruption::Overlap { .. })),
+            "{err}"
+        );
     }
 
     #[test]
@@ -262,7 +269,10 @@ mod tests {
         let t = table(known(2 * MIB, 3 * MIB));
         let m = storage_with(&t, [true, true]);
         let err = read_region_table(&m, 8 * MIB, Some((3 * MIB, MIB))).unwrap_err();
-        assert!(matches!(err.corruption(), Some(Corruption::Overlap { .. })), "{err}");
+        assert!(
+            matches!(err.corruption(), Some(Corruption::Overlap { .. })),
+            "{err}"
+        );
     }
 
     #[test]
@@ -275,7 +285,10 @@ mod tests {
             required: false,
         });
         let m = storage_with(&table(regions.clone()), [true, true]);
-        assert_eq!(read_region_table(&m, 8 * MIB, None).unwrap().regions.len(), 3);
+        assert_eq!(
+            read_region_table(&m, 8 * MIB, None).unwrap().regions.len(),
+            3
+        );
         regions[2].required = true;
         let m = storage_with(&table(regions), [true, true]);
         assert!(matches!(
@@ -288,6 +301,9 @@ mod tests {
     fn region_beyond_end_of_file_is_refused() {
         let m = storage_with(&table(known(2 * MIB, 30 * MIB)), [true, true]);
         let err = read_region_table(&m, 8 * MIB, None).unwrap_err();
-        assert!(matches!(err.corruption(), Some(Corruption::BeyondEndOfFile { .. })));
+        assert!(matches!(
+            err.corruption(),
+            Some(Corruption::BeyondEndOfFile { .. })
+        ));
     }
 }

@@ -13,6 +13,7 @@ use std::sync::Arc;
 
 /// Positioned I/O on a file-like object. All methods take `&self` so that queues can use the
 /// same file from several threads without a shared file offset.
+#[allow(clippy::len_without_is_empty)] // a file length, not a collection
 pub trait Storage: Send + Sync {
     /// Reads `buf.len()` bytes at `offset`. Bytes past the end of the file read as zeros; the
     /// return value is the number of bytes that lay inside the file.
@@ -260,7 +261,10 @@ impl Storage for MemStorage {
 
     fn set_len(&self, len: u64) -> io::Result<()> {
         if len > 1 << 40 {
-            return Err(io::Error::new(io::ErrorKind::InvalidInput, "length past 1 TiB"));
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "length past 1 TiB",
+            ));
         }
         self.lock().resize(len as usize, 0);
         Ok(())

@@ -100,7 +100,9 @@ pub fn parse_entry(log: &[u8], position: u64, log_guid: Uuid) -> Result<LogEntry
     let count = u64::from(header.descriptor_count.get());
     let desc_sectors = descriptor_sectors(count);
     if desc_sectors * LOG_SECTOR_SIZE as u64 > length {
-        return Err(format!("{count} descriptors do not fit in {length:#x} bytes"));
+        return Err(format!(
+            "{count} descriptors do not fit in {length:#x} bytes"
+        ));
     }
     let bytes = read_wrapped(log, position, length);
     let mut ops = Vec::with_capacity(count as usize);
@@ -115,12 +117,16 @@ pub fn parse_entry(log: &[u8], position: u64, log_guid: Uuid) -> Result<LogEntry
         }
         let file_offset = d.file_offset.get();
         if file_offset % LOG_SECTOR_SIZE as u64 != 0 {
-            return Err(format!("descriptor {i} file offset {file_offset:#x} is not 4 KiB aligned"));
+            return Err(format!(
+                "descriptor {i} file offset {file_offset:#x} is not 4 KiB aligned"
+            ));
         }
         if &d.signature == SIG_ZERO_DESC {
             let zero_length = u64::from_le_bytes(d.leading_bytes);
             if zero_length % LOG_SECTOR_SIZE as u64 != 0 {
-                return Err(format!("zero descriptor {i} length {zero_length:#x} is not 4 KiB aligned"));
+                return Err(format!(
+                    "zero descriptor {i} length {zero_length:#x} is not 4 KiB aligned"
+                ));
             }
             ops.push(LogOp::Zero {
                 file_offset,
@@ -133,7 +139,8 @@ pub fn parse_entry(log: &[u8], position: u64, log_guid: Uuid) -> Result<LogEntry
             }
             let sector = LogDataSector::read_from_bytes(&bytes[start..start + LOG_SECTOR_SIZE])
                 .expect("4096 bytes");
-            let seq = (u64::from(sector.sequence_high.get()) << 32) | u64::from(sector.sequence_low.get());
+            let seq = (u64::from(sector.sequence_high.get()) << 32)
+                | u64::from(sector.sequence_low.get());
             if &sector.signature != SIG_DATA_SECTOR || seq != sequence_number {
                 return Err(format!("data sector {data_sector} is torn or misplaced"));
             }
@@ -177,7 +184,10 @@ pub fn build_entry(
 ) -> Vec<u8> {
     let count = ops.len() as u64;
     let desc_sectors = descriptor_sectors(count) as usize;
-    let data_count = ops.iter().filter(|o| matches!(o, LogOp::Data { .. })).count();
+    let data_count = ops
+        .iter()
+        .filter(|o| matches!(o, LogOp::Data { .. }))
+        .count();
     let length = (desc_sectors + data_count) * LOG_SECTOR_SIZE;
     let mut bytes = vec![0u8; length];
     let header = LogEntryHeader {

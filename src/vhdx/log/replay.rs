@@ -109,7 +109,11 @@ fn plan_from_log(log: &[u8], log_guid: Uuid) -> Result<(ReplayPlan, u64)> {
             current.entries.push(e);
         }
         let valid = !current.entries.is_empty() && current.is_complete();
-        let next = if valid { pos } else { (cur_tail + LOG_SECTOR_SIZE as u64) % log_len };
+        let next = if valid {
+            pos
+        } else {
+            (cur_tail + LOG_SECTOR_SIZE as u64) % log_len
+        };
         if valid
             && candidate
                 .as_ref()
@@ -159,7 +163,10 @@ fn check_targets(plan: &ReplayPlan, log_offset: u64, log_length: u64) -> Result<
         if offset < first_allowed {
             return Err(bad("would overwrite the file identifier or a header"));
         }
-        if offset.checked_add(length).is_none_or(|e| e > 2 * MAX_VIRTUAL_DISK_SIZE) {
+        if offset
+            .checked_add(length)
+            .is_none_or(|e| e > 2 * MAX_VIRTUAL_DISK_SIZE)
+        {
             return Err(bad("lies beyond any possible VHDX file"));
         }
         if ranges_overlap(offset, length, log_offset, log_length) {
@@ -169,7 +176,10 @@ fn check_targets(plan: &ReplayPlan, log_offset: u64, log_length: u64) -> Result<
     if plan.min_file_size > 2 * MAX_VIRTUAL_DISK_SIZE {
         return Err(Corruption::BadLogEntry {
             offset: 0,
-            reason: format!("LastFileOffset {:#x} is beyond any possible VHDX file", plan.min_file_size),
+            reason: format!(
+                "LastFileOffset {:#x} is beyond any possible VHDX file",
+                plan.min_file_size
+            ),
         }
         .into());
     }
@@ -183,7 +193,9 @@ pub fn apply(storage: &dyn Storage, plan: &ReplayPlan) -> Result<()> {
     let zeros = vec![0u8; MIB as usize];
     for op in &plan.ops {
         match op {
-            LogOp::Data { file_offset, data } => storage.write_at(&data[..], *file_offset).map_err(io)?,
+            LogOp::Data { file_offset, data } => {
+                storage.write_at(&data[..], *file_offset).map_err(io)?
+            }
             LogOp::Zero {
                 file_offset,
                 length,
@@ -196,7 +208,8 @@ pub fn apply(storage: &dyn Storage, plan: &ReplayPlan) -> Result<()> {
                     storage.write_at(&zeros[..n as usize], at).map_err(io)?;
                     at += n;
                 }
-                if file_offset + length > size && storage.len().map_err(io)? < file_offset + length {
+                if file_offset + length > size && storage.len().map_err(io)? < file_offset + length
+                {
                     storage.set_len(file_offset + length).map_err(io)?;
                 }
             }

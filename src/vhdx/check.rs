@@ -1,0 +1,229 @@
+//! Consistency check of a VHDX file and its chain, with the repairs that are safe to make.
+//!
+//! Opening a file already validates every structure (a damaged one is refused with a precise
+//! error); the check adds what an open tolerates: a log that still needs replaying, reserved
+//! bits, blocks cut short by the end of the file, unreachable parents, and space that no
+//! structure uses (leaks).
+
+use std::path::{Path, PathBuf};
+
+use super::bat::Bat;
+use super::chain::{Chain, ChainOptions};
+use super::error::Error;
+use super::file::{LogState, VhdxFile};
+use super::format::*;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Repair {
+    #[default]
+    None,
+    /// Give back leaked space at the end of the file.
+    Leaks,
+    /// Also replay a pending log.
+    All,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CheckReport {
+    pub filename: PathBuf,
+    /// Problems that make data wrong or unreadable.
+    pub corruptions: Vec<String>,
+    /// Unused extents `(offset, length)`, 1 MiB-aligned.
+    pub leaks: Vec<(u64, u64)>,
+    pub corruptions_fixed: usize,
+    pub leaks_fixed: usize,
+    /// Things worth knowing that are not errors.
+    pub notes: Vec<String>,
+    /// End of the last structure in the file.
+    pub image_end_offset: u64,
+    pub total_blocks: u64,
+    pub allocated_blocks: u64,
+    /// The file could not be checked at all (I/O error, unsupported feature).
+    pub check_errors: usize,
+}
+
+impl CheckReport {
+    pub fn leaked_bytes(&self) -> u64 {
+        self.leaks.iter().map(|(_, l)| l).sum()
+    }
+}
+
+/// Checks the file at `path` (and its parents), repairing what `repair` allows.
+pub fn check(path: &Path, repair: Repair, parent_overrides: &[PathBuf]) -> CheckReport {
+    let mut report = CheckReport {
+        filename: path.to_path_buf(),
+        ..Default::default()
+    };
+    let writable = repair != Repair::None;
+    // A read-only open replays a dirty log in memory; note that, and apply it only for -r all.
+    let pending_log = match VhdxFile::open(path, false) {
+        Ok(f) => matches!(f.log_state, LogState::ReplayedInMemory { .. }),
+        Err(e) => {
+            record_open_error(&mut report, e);
+            return report;
+        }
+    };
+    if pending_log && repair != Repair::All {
+        report
+            .corruptions
+            .push("the log holds changes that were never applied (repair with -r all)".into());
+    }
+    let open_writable = writable && (!pending_log || repair == Repair::All);
+    let file = match VhdxFile::open(path, open_writable) {
+        Ok(f) => f,
+        Err(e) => {
+            record_open_error(&mut report, e);
+            return report;
+        }
+    };
+    if let LogState::Replayed { entries } = file.log_state {
+        report.corruptions_fixed += 1;
+        report.notes.push(format!("replayed {entries} log entries"));
+    }
+    check_bat(&file, &mut report);
+    find_leaks(&file, &mut report);
+    if open_writable && !report.leaks.is_empty() {
+        truncate_trailing_leak(&file, &mut report);
+    }
+    if file.is_differencing() {
+        let options = ChainOptions {
+            writable: false,
+            parent_overrides: parent_overrides.to_vec(),
+        };
+        match Chain::open(path, &options) {
+            Ok(chain) => {
+                for layer in &chain.layers()[1..] {
+                    if matches!(layer.log_state, LogState::ReplayedInMemory { .. }) {
+                        report.notes.push(format!(
+                            "parent {} has a log that was never applied",
+                            layer.path().display()
+                        ));
+                    }
+                }
+            }
+            Err(e) => report.corruptions.push(format!("parent chain: {e}")),
+        }
+    }
+    report
+}
+
+fn record_open_error(report: &mut CheckReport, e: Error) {
+    match e {
+        Error::Corrupt(c) => report.corruptions.push(c.to_string()),
+        Error::Chain(c) => report.corruptions.push(c.to_string()),
+        other => {
+            report.check_errors += 1;
+            report.notes.push(other.to_string());
+        }
+    }
+}
+
+fn check_bat(file: &VhdxFile, report: &mut CheckReport) {
+    let bat: &Bat = &file.bat;
+    let g = file.geometry();
+    let file_size = file.storage().len().unwrap_or(0);
+    for index in 0..bat.len() {
+        let e = bat.entry(index);
+        if e.reserved_bits() != 0 {
+            report.corruptions.push(format!(
+                "BAT entry {index} ({:#x}) has reserved bits set",
+                e.0
+            ));
+        }
+    }
+    report.total_blocks = g.payload_blocks();
+    for block in 0..g.payload_blocks() {
+        let (state, e) = bat.payload(block);
+        if !state.has_data() {
+            continue;
+        }
+        report.allocated_blocks += 1;
+        let end = e.file_offset() + u64::from(g.block_size);
+        if end > file_size {
+            report.notes.push(format!(
+                "block {block} at {:#x} ends {:#x} bytes beyond the end of the file (read as zeros)",
+                e.file_offset(),
+                end - file_size
+            ));
+        }
+    }
+}
+
+/// Every extent some structure uses, sorted and merged.
+fn used_extents(file: &VhdxFile) -> Vec<(u64, u64)> {
+    let mut used = vec![(0, HEADER_SECTION_SIZE)];
+    let h = &file.headers.current;
+    if h.log_length != 0 {
+        used.push((h.log_offset, h.log_offset + u64::from(h.log_length)));
+    }
+    for r in &file.regions.regions {
+        used.push((r.file_offset, r.file_offset + r.length));
+    }
+    let g = file.geometry();
+    for index in 0..file.bat.len() {
+        let e = file.bat.entry(index);
+        let len = match g.block_of_index(index) {
+            Some(b) if b < g.payload_blocks() => {
+                match PayloadBlockState::from_bits(e.state_bits()) {
+                    Some(s) if s.has_data() => u64::from(g.block_size),
+                    _ => continue,
+                }
+            }
+            None if e.state_bits() == SB_BLOCK_PRESENT => SECTOR_BITMAP_BLOCK_SIZE,
+            _ => continue,
+        };
+        used.push((e.file_offset(), e.file_offset() + len));
+    }
+    used.sort_unstable();
+    let mut merged: Vec<(u64, u64)> = Vec::with_capacity(used.len());
+    for (s, e) in used {
+        match merged.last_mut() {
+            Some(last) if s <= last.1 => last.1 = last.1.max(e),
+            _ => merged.push((s, e)),
+        }
+    }
+    merged
+}
+
+fn find_leaks(file: &VhdxFile, report: &mut CheckReport) {
+    let used = used_extents(file);
+    let file_size = file.storage().len().unwrap_or(0);
+    report.image_end_offset = used.last().map_or(0, |u| u.1);
+    let mut pos = 0;
+    for &(s, e) in &used {
+        if s > pos {
+            report.leaks.push((pos, s - pos));
+        }
+        pos = pos.max(e);
+    }
+    // A file ends on a 1 MiB boundary; anything past the last structure is leaked.
+    if file_size > pos {
+        let end = align_up(file_size, MIB).unwrap_or(file_size);
+        report.leaks.push((pos, end - pos));
+    }
+}
+
+fn truncate_trailing_leak(file: &VhdxFile, report: &mut CheckReport) {
+    let Some(&(offset, _)) = report.leaks.last() else {
+        return;
+    };
+    if offset < report.image_end_offset {
+        return;
+    }
+    // The log is empty after a writable open, so a shorter file cannot look truncated to a
+    // later replay (the FlushedFileOffset rule).
+    match file
+        .storage()
+        .set_len(offset)
+        .and_then(|_| file.storage().flush())
+    {
+        Ok(()) => {
+            report.leaks.pop();
+            report.leaks_fixed += 1;
+            report
+                .notes
+                .push(format!("truncated the file to {offset:#x}"));
+        }
+        Err(e) => report.notes.push(format!("could not truncate: {e}")),
+    }
+}
