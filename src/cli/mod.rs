@@ -60,6 +60,7 @@ impl ChainArgs {
         crate::vhdx::ChainOptions {
             writable,
             parent_overrides: self.parents.clone(),
+            force_share: false,
         }
     }
 }

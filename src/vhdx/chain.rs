@@ -3,6 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
+use super::buffers::{ReadTarget, WriteSource};
 use super::error::{ChainError, Error, Result};
 use super::file::{Source, VhdxFile};
 use super::locator::{self, ParentLocator};
@@ -17,6 +18,8 @@ pub struct ChainOptions {
     /// Explicit locations for moved parents: `parents[0]` is the leaf's parent, `parents[1]`
     /// the grandparent, and so on. They replace the locator's paths, not its identity check.
     pub parent_overrides: Vec<PathBuf>,
+    /// Read without taking or honouring locks (qemu-img's `-U`); only for read-only opens.
+    pub force_share: bool,
 }
 
 /// Where a run of the virtual disk is read from.
@@ -44,7 +47,15 @@ pub struct Chain {
 impl Chain {
     /// Opens the file at `path` and, if it is a differencing file, its parents.
     pub fn open(path: &Path, options: &ChainOptions) -> Result<Chain> {
-        let leaf = VhdxFile::open(path, options.writable).map_err(|e| open_error(path, e))?;
+        let open = |p: &Path, writable: bool| {
+            if options.force_share && !writable {
+                VhdxFile::open_shared(p)
+            } else {
+                VhdxFile::open(p, writable)
+            }
+            .map_err(|e| open_error(p, e))
+        };
+        let leaf = open(path, options.writable)?;
         let mut seen = vec![canonical(path)];
         let mut layers = vec![leaf];
         while layers.last().expect("non-empty").is_differencing() {
@@ -153,28 +164,62 @@ impl Chain {
 
     /// Reads `buf.len()` bytes of the virtual disk at `offset` (sector-aligned).
     pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        self.read(offset, &mut &mut *buf)
+    }
+
+    /// Reads `dst.len()` bytes of the virtual disk at `offset` into `dst`.
+    pub fn read(&self, offset: u64, dst: &mut dyn ReadTarget) -> Result<()> {
         let mut extents = Vec::new();
-        self.resolve(offset, buf.len() as u64, &mut extents)?;
+        self.resolve(offset, dst.len() as u64, &mut extents)?;
         let mut at = 0usize;
         for e in extents {
-            let dst = &mut buf[at..at + e.len as usize];
+            let len = e.len as usize;
             match e.source {
-                ReadSource::Zero => dst.fill(0),
+                ReadSource::Zero => dst.fill_zero(at, len),
                 ReadSource::File { layer, offset } => {
-                    self.layers[layer]
-                        .storage()
-                        .read_at(dst, offset)
+                    let file = &self.layers[layer];
+                    dst.read_from(at, len, &**file.storage(), offset)
                         .map_err(|err| {
-                            Error::io(
-                                format!("reading {}", self.layers[layer].path().display()),
-                                err,
-                            )
+                            Error::io(format!("reading {}", file.path().display()), err)
                         })?;
                 }
             }
-            at += e.len as usize;
+            at += len;
         }
         Ok(())
+    }
+
+    /// Writes `buf` at `offset` (sector-aligned) into the leaf.
+    pub fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+        self.write(offset, &buf)
+    }
+
+    pub fn write(&self, offset: u64, src: &dyn WriteSource) -> Result<()> {
+        self.check_range(offset, src.len() as u64)?;
+        self.leaf().write(offset, src)
+    }
+
+    /// Gives back whole blocks inside the range; they read as zeros afterwards. Partial blocks
+    /// at the edges are left as they are.
+    pub fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        self.check_range(offset, len)?;
+        self.leaf().trim(offset, len, false)
+    }
+
+    /// Makes the range read as zeros; whole blocks change state and give back their space.
+    pub fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
+        self.check_range(offset, len)?;
+        self.leaf().trim(offset, len, true)
+    }
+
+    pub fn flush(&self) -> Result<()> {
+        self.leaf().flush()
+    }
+
+    /// Closes the chain; the leaf is left clean.
+    pub fn close(mut self) -> Result<()> {
+        let leaf = self.layers.remove(0);
+        leaf.close()
     }
 }
 

@@ -30,8 +30,12 @@ pub enum Error {
     InvalidArgument(String),
     #[error("the image is open read-only")]
     ReadOnly,
-    #[error("the image is locked by another process: {0}")]
+    #[error("{0}")]
     Locked(String),
+    #[error(
+        "the image is unusable after an earlier I/O error ({0}); nothing more is written to it"
+    )]
+    Poisoned(String),
 }
 
 impl Error {

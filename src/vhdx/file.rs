@@ -9,6 +9,7 @@ use uuid::Uuid;
 
 use super::bat::{Bat, Geometry, Occupied};
 use super::bitmap;
+use super::buffers::WriteSource;
 use super::error::{Corruption, Error, Result};
 use super::format::*;
 use super::header::{self, Headers};
@@ -16,6 +17,7 @@ use super::log::{self, ReplayPlan};
 use super::metadata::{self, Metadata};
 use super::region::{self, RegionTable};
 use super::storage::{OverlayStorage, Storage};
+use super::write::{Writer, WriterParts};
 
 /// Where the bytes of a run of a file's virtual disk come from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -46,9 +48,9 @@ pub struct VhdxFile {
     pub headers: Headers,
     pub regions: RegionTable,
     pub metadata: Metadata,
-    pub bat: Bat,
+    pub bat: Arc<Bat>,
     pub log_state: LogState,
-    writable: bool,
+    writer: Option<Writer>,
 }
 
 impl std::fmt::Debug for VhdxFile {
@@ -62,13 +64,28 @@ impl std::fmt::Debug for VhdxFile {
 }
 
 impl VhdxFile {
-    /// Opens the file at `path`, read-only or read-write.
+    /// Opens the file at `path`, read-only or read-write, and locks it the way QEMU does: a
+    /// writer excludes every other user, a reader excludes writers.
     pub fn open(path: &Path, writable: bool) -> Result<VhdxFile> {
+        Self::open_file(path, writable, true)
+    }
+
+    /// Opens read-only without taking or honouring locks (qemu-img's `-U`): for looking at an
+    /// image that a running backend owns. What it reads may be stale.
+    pub fn open_shared(path: &Path) -> Result<VhdxFile> {
+        Self::open_file(path, false, false)
+    }
+
+    fn open_file(path: &Path, writable: bool, lock: bool) -> Result<VhdxFile> {
         let file: File = OpenOptions::new()
             .read(true)
             .write(writable)
             .open(path)
             .map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
+        if lock {
+            super::lock::lock_image(&file, writable)
+                .map_err(|e| Error::Locked(format!("{}: {e}", path.display())))?;
+        }
         Self::open_storage(Arc::new(file), path.to_path_buf(), writable)
     }
 
@@ -143,15 +160,15 @@ impl VhdxFile {
             });
         }
         let bat_region = regions.bat();
-        let bat = Bat::load(
+        let bat = Arc::new(Bat::load(
             &*storage,
             geometry,
             bat_region.file_offset,
             bat_region.length,
             size,
             &occupied,
-        )?;
-        Ok(VhdxFile {
+        )?);
+        let mut file = VhdxFile {
             path,
             storage,
             creator,
@@ -160,8 +177,57 @@ impl VhdxFile {
             metadata,
             bat,
             log_state,
-            writable,
-        })
+            writer: None,
+        };
+        if writable {
+            let h = file.headers.current;
+            if h.log_length == 0 {
+                return Err(Error::Unsupported(
+                    "a file without a log cannot be written".into(),
+                ));
+            }
+            file.writer = Some(Writer::new(WriterParts {
+                storage: Arc::clone(&file.storage),
+                bat: Arc::clone(&file.bat),
+                bitmaps: Default::default(),
+                fixed: file.metadata.leave_block_allocated && !file.metadata.has_parent,
+                bat_offset: bat_region.file_offset,
+                log_offset: h.log_offset,
+                log_length: u64::from(h.log_length),
+                used: file.used_extents(),
+                headers: file.headers.clone(),
+            }));
+        }
+        Ok(file)
+    }
+
+    /// Every extent a structure occupies: header section, log, regions, allocated payload and
+    /// sector bitmap blocks.
+    pub fn used_extents(&self) -> Vec<(u64, u64)> {
+        let mut used = vec![(0, HEADER_SECTION_SIZE)];
+        let h = &self.headers.current;
+        if h.log_length != 0 {
+            used.push((h.log_offset, u64::from(h.log_length)));
+        }
+        for r in &self.regions.regions {
+            used.push((r.file_offset, r.length));
+        }
+        let g = self.geometry();
+        for index in 0..self.bat.len() {
+            let e = self.bat.entry(index);
+            let len = match g.block_of_index(index) {
+                Some(b) if b < g.payload_blocks() => {
+                    match PayloadBlockState::from_bits(e.state_bits()) {
+                        Some(s) if s.has_data() => u64::from(g.block_size),
+                        _ => continue,
+                    }
+                }
+                None if e.state_bits() == SB_BLOCK_PRESENT => SECTOR_BITMAP_BLOCK_SIZE,
+                _ => continue,
+            };
+            used.push((e.file_offset(), len));
+        }
+        used
     }
 
     pub fn path(&self) -> &Path {
@@ -173,7 +239,44 @@ impl VhdxFile {
     }
 
     pub fn is_writable(&self) -> bool {
-        self.writable
+        self.writer.is_some()
+    }
+
+    fn writer(&self) -> Result<&Writer> {
+        self.writer.as_ref().ok_or(Error::ReadOnly)
+    }
+
+    /// Writes at a virtual offset (sector-aligned, inside the disk: the chain checks).
+    pub fn write(&self, offset: u64, src: &dyn WriteSource) -> Result<()> {
+        self.writer()?.write(offset, src)
+    }
+
+    /// Discards (`zero == false`) or zeroes a virtual range.
+    pub fn trim(&self, offset: u64, len: u64, zero: bool) -> Result<()> {
+        self.writer()?.trim(offset, len, zero)
+    }
+
+    pub fn flush(&self) -> Result<()> {
+        match &self.writer {
+            Some(w) => w.flush(),
+            None => Ok(()),
+        }
+    }
+
+    /// Commits everything and leaves the file clean (empty log, free tail given back).
+    pub fn close(mut self) -> Result<()> {
+        match self.writer.take() {
+            Some(w) => w.close(),
+            None => Ok(()),
+        }
+    }
+
+    /// The current headers (a writer changes them during its session).
+    pub fn current_headers(&self) -> Headers {
+        match &self.writer {
+            Some(w) => w.headers(),
+            None => self.headers.clone(),
+        }
     }
 
     pub fn geometry(&self) -> Geometry {
@@ -189,7 +292,7 @@ impl VhdxFile {
     }
 
     pub fn data_write_guid(&self) -> Uuid {
-        self.headers.current.data_write_guid
+        self.current_headers().current.data_write_guid
     }
 
     pub fn is_differencing(&self) -> bool {
@@ -228,10 +331,24 @@ impl VhdxFile {
                     let bits = n / lss;
                     let byte_start = first_bit / 8;
                     let byte_end = (first_bit + bits).div_ceil(8);
-                    let mut buf = vec![0u8; (byte_end - byte_start) as usize];
-                    self.storage
-                        .read_at(&mut buf, sb_offset + byte_start)
-                        .map_err(|e| Error::io("reading a sector bitmap", e))?;
+                    let mut buf = Vec::new();
+                    match &self.writer {
+                        // A writer's cache is the truth; the file may lag behind the log.
+                        Some(w) => w.bitmaps().read_bits(
+                            &*self.storage,
+                            sb_offset,
+                            first_bit,
+                            bits,
+                            &mut buf,
+                        ),
+                        None => {
+                            buf.resize((byte_end - byte_start) as usize, 0);
+                            self.storage
+                                .read_at(&mut buf, sb_offset + byte_start)
+                                .map(drop)
+                        }
+                    }
+                    .map_err(|e| Error::io("reading a sector bitmap", e))?;
                     let data_base = entry.file_offset() + in_block;
                     bitmap::for_each_run(&buf, first_bit % 8, bits, |present, start, count| {
                         let run_off = (start - first_bit % 8) * lss;

@@ -7,6 +7,7 @@
 
 pub mod bat;
 pub mod bitmap;
+pub mod buffers;
 pub mod chain;
 pub mod check;
 pub mod create;
@@ -15,11 +16,15 @@ pub mod file;
 pub mod format;
 pub mod header;
 pub mod locator;
+pub mod lock;
 pub mod log;
 pub mod metadata;
 pub mod region;
+pub mod space;
 pub mod storage;
+pub mod write;
 
+pub use buffers::{ReadTarget, WriteSource, Zeros};
 pub use chain::{Chain, ChainOptions, Extent, ReadSource};
 pub use error::{ChainError, Corruption, Error, Result};
 pub use file::{LogState, Source, VhdxFile};

@@ -6,6 +6,7 @@
 
 pub mod entry;
 pub mod replay;
+pub mod writer;
 
 pub use entry::{LogEntry, LogOp};
 pub use replay::{find_active_sequence, ReplayPlan};

@@ -1,0 +1,359 @@
+//! The WAL worker: one thread per writable file, running an epoll loop on an eventfd.
+//!
+//! Writers change metadata in memory (the BAT, bitmap pages) and mark the 4 KiB pages they
+//! touched dirty. The worker turns dirty pages into log entries in *commits*. One commit:
+//!
+//! 1. snapshot the dirty pages' current contents;
+//! 2. `fdatasync`: every data write published before the snapshot is durable (design rule 2),
+//!    and so are the in-place writes of the previous commit, so its log entry is no longer needed;
+//! 3. write an entry whose Tail is itself, `fdatasync` (rule 3) — now the commit is durable and
+//!    flushes waiting for it are released;
+//! 4. write the pages in place. They become durable with the next commit's step 2 (rule 4), and
+//!    until then a crash replays this entry.
+//!
+//! An entry is at most half the log, so writing entry k never touches entry k-1, the only one
+//! replay may still need; more dirty pages than fit take several rounds, each applied and
+//! flushed before the next is logged. The log therefore never fills up: a large commit simply
+//! takes more rounds (back-pressure on the flushes waiting for it), never an error.
+//!
+//! Any I/O error poisons the file: the worker stops writing and every waiter and later request
+//! gets the error.
+
+use std::collections::BTreeSet;
+use std::io;
+use std::os::fd::AsRawFd;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use uuid::Uuid;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use super::entry::{build_entry, descriptor_sectors, LogOp};
+use crate::vhdx::format::*;
+use crate::vhdx::storage::Storage;
+
+/// Dirty metadata is committed at least this often even without a guest flush.
+pub const COMMIT_INTERVAL: Duration = Duration::from_secs(2);
+
+/// Supplies the current contents of a metadata page by file offset.
+pub trait PageSource: Send + Sync {
+    fn page(&self, file_offset: u64, out: &mut [u8; LOG_SECTOR_SIZE]) -> io::Result<()>;
+}
+
+/// Called with each generation once it is durable (to release freed space).
+pub type DurableHook = Box<dyn Fn(u64) + Send + Sync>;
+
+struct State {
+    dirty: BTreeSet<u64>,
+    /// Generation of the last commit that started; the next one is `started + 1`.
+    started: u64,
+    /// Generation of the last commit that is durable.
+    durable: u64,
+    /// Highest generation somebody waits for.
+    requested: u64,
+    poisoned: Option<String>,
+    shutdown: bool,
+}
+
+struct Shared {
+    state: Mutex<State>,
+    changed: Condvar,
+    kick: EventFd,
+    storage: Arc<dyn Storage>,
+    pages: Arc<dyn PageSource>,
+    on_durable: DurableHook,
+    log_offset: u64,
+    log_length: u64,
+    log_guid: Uuid,
+}
+
+/// Where the worker writes next; touched only by the worker thread.
+struct Cursor {
+    position: u64,
+    sequence: u64,
+}
+
+pub struct Wal {
+    shared: Arc<Shared>,
+    thread: Option<JoinHandle<()>>,
+}
+
+fn lock(shared: &Shared) -> MutexGuard<'_, State> {
+    shared.state.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Wal {
+    /// Starts the worker for a log whose LogGuid is already set (and flushed) in the headers.
+    pub fn start(
+        storage: Arc<dyn Storage>,
+        pages: Arc<dyn PageSource>,
+        on_durable: DurableHook,
+        log_offset: u64,
+        log_length: u64,
+        log_guid: Uuid,
+    ) -> io::Result<Wal> {
+        let shared = Arc::new(Shared {
+            state: Mutex::new(State {
+                dirty: BTreeSet::new(),
+                started: 0,
+                durable: 0,
+                requested: 0,
+                poisoned: None,
+                shutdown: false,
+            }),
+            changed: Condvar::new(),
+            kick: EventFd::new(EFD_NONBLOCK)?,
+            storage,
+            pages,
+            on_durable,
+            log_offset,
+            log_length,
+            log_guid,
+        });
+        let worker = Arc::clone(&shared);
+        let thread = std::thread::Builder::new()
+            .name("vhdx-wal".into())
+            .spawn(move || run(&worker))?;
+        Ok(Wal {
+            shared,
+            thread: Some(thread),
+        })
+    }
+
+    /// Records changed metadata pages; returns the generation whose commit will contain them.
+    pub fn mark_dirty(&self, pages: &[u64]) -> io::Result<u64> {
+        let mut st = lock(&self.shared);
+        if let Some(p) = &st.poisoned {
+            return Err(poison_error(p));
+        }
+        st.dirty.extend(pages.iter().copied());
+        Ok(st.started + 1)
+    }
+
+    /// Asks for a commit without waiting (e.g. so that freed space comes back soon).
+    pub fn nudge(&self) {
+        let mut st = lock(&self.shared);
+        st.requested = st.requested.max(st.started + 1);
+        drop(st);
+        let _ = self.shared.kick.write(1);
+    }
+
+    /// Waits until everything done before the call is durable: data and metadata. Concurrent
+    /// callers share one commit.
+    pub fn flush(&self) -> io::Result<()> {
+        let mut st = lock(&self.shared);
+        let target = st.started + 1;
+        st.requested = st.requested.max(target);
+        let _ = self.shared.kick.write(1);
+        loop {
+            if let Some(p) = &st.poisoned {
+                return Err(poison_error(p));
+            }
+            if st.durable >= target {
+                return Ok(());
+            }
+            st = self
+                .shared
+                .changed
+                .wait(st)
+                .unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
+    pub fn poisoned(&self) -> Option<String> {
+        lock(&self.shared).poisoned.clone()
+    }
+
+    /// Marks the file unusable: no more commits.
+    pub fn poison(&self, reason: String) {
+        let mut st = lock(&self.shared);
+        st.poisoned.get_or_insert(reason);
+        self.shared.changed.notify_all();
+    }
+
+    /// Commits what is dirty, then stops the worker.
+    pub fn shutdown(mut self) -> io::Result<()> {
+        let result = self.flush();
+        self.stop();
+        result
+    }
+
+    fn stop(&mut self) {
+        lock(&self.shared).shutdown = true;
+        let _ = self.shared.kick.write(1);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Wal {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn poison_error(reason: &str) -> io::Error {
+    io::Error::other(format!(
+        "the image is unusable after an earlier I/O error: {reason}"
+    ))
+}
+
+fn run(shared: &Shared) {
+    let epfd = match epoll::create(true) {
+        Ok(fd) => fd,
+        Err(e) => return poison(shared, format!("epoll_create: {e}")),
+    };
+    let event = epoll::Event::new(epoll::Events::EPOLLIN, 0);
+    if let Err(e) = epoll::ctl(
+        epfd,
+        epoll::ControlOptions::EPOLL_CTL_ADD,
+        shared.kick.as_raw_fd(),
+        event,
+    ) {
+        let _ = epoll::close(epfd);
+        return poison(shared, format!("epoll_ctl: {e}"));
+    }
+    let mut cursor = Cursor {
+        position: 0,
+        sequence: 0,
+    };
+    let mut events = [epoll::Event::new(epoll::Events::empty(), 0); 1];
+    loop {
+        match epoll::wait(epfd, COMMIT_INTERVAL.as_millis() as i32, &mut events) {
+            Ok(_) => {
+                let _ = shared.kick.read();
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => {
+                poison(shared, format!("epoll_wait: {e}"));
+                break;
+            }
+        }
+        let mut st = lock(shared);
+        if st.poisoned.is_some() {
+            if st.shutdown {
+                break;
+            }
+            continue;
+        }
+        let wanted = st.requested > st.durable || !st.dirty.is_empty();
+        if !wanted {
+            if st.shutdown {
+                break;
+            }
+            continue;
+        }
+        let generation = st.started + 1;
+        st.started = generation;
+        let dirty: Vec<u64> = std::mem::take(&mut st.dirty).into_iter().collect();
+        drop(st);
+        match commit(shared, &mut cursor, &dirty) {
+            Ok(()) => {
+                let mut st = lock(shared);
+                st.durable = generation;
+                shared.changed.notify_all();
+                drop(st);
+                (shared.on_durable)(generation);
+            }
+            Err(e) => poison(shared, e.to_string()),
+        }
+    }
+    let _ = epoll::close(epfd);
+}
+
+fn poison(shared: &Shared, reason: String) {
+    log::error!("VHDX log writer stopped: {reason}");
+    let mut st = lock(shared);
+    st.poisoned.get_or_insert(reason);
+    shared.changed.notify_all();
+}
+
+/// Pages that fit in one entry of at most half the log.
+fn pages_per_entry(log_length: u64) -> usize {
+    let sectors = log_length / 2 / LOG_SECTOR_SIZE as u64;
+    let mut n = sectors.saturating_sub(1);
+    while n > 0 && descriptor_sectors(n) + n > sectors {
+        n -= 1;
+    }
+    n.max(1) as usize
+}
+
+fn commit(shared: &Shared, cursor: &mut Cursor, dirty: &[u64]) -> io::Result<()> {
+    let storage = &*shared.storage;
+    // Step 1: snapshot. Everything the snapshot shows was written before it was published.
+    let mut ops = Vec::with_capacity(dirty.len());
+    for &offset in dirty {
+        let mut data = Box::new([0u8; LOG_SECTOR_SIZE]);
+        shared.pages.page(offset, &mut data)?;
+        ops.push(LogOp::Data {
+            file_offset: offset,
+            data,
+        });
+    }
+    // Step 2: data (and the previous commit's in-place writes) durable. The size read before
+    // the flush is durable after it (FlushedFileOffset); a concurrent allocation may grow the
+    // file meanwhile, which only LastFileOffset reflects.
+    let mut stable_size = storage.len()?;
+    storage.flush()?;
+    if ops.is_empty() {
+        return Ok(());
+    }
+    for (round, chunk) in ops.chunks(pages_per_entry(shared.log_length)).enumerate() {
+        if round > 0 {
+            // The previous round's in-place writes must be durable before its entry may be
+            // overwritten by a later one.
+            stable_size = storage.len()?;
+            storage.flush()?;
+        }
+        let file_size = storage.len()?;
+        cursor.sequence += 1;
+        let entry = build_entry(
+            shared.log_guid,
+            cursor.sequence,
+            cursor.position,
+            stable_size / MIB * MIB,
+            align_up(file_size, MIB).unwrap_or(file_size),
+            chunk,
+        );
+        write_wrapped(shared, cursor.position, &entry)?;
+        storage.flush()?;
+        cursor.position = (cursor.position + entry.len() as u64) % shared.log_length;
+        for op in chunk {
+            if let LogOp::Data { file_offset, data } = op {
+                storage.write_at(&data[..], *file_offset)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+fn write_wrapped(shared: &Shared, position: u64, bytes: &[u8]) -> io::Result<()> {
+    let first = (shared.log_length - position).min(bytes.len() as u64) as usize;
+    shared
+        .storage
+        .write_at(&bytes[..first], shared.log_offset + position)?;
+    if first < bytes.len() {
+        shared
+            .storage
+            .write_at(&bytes[first..], shared.log_offset)?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn entries_fit_in_half_the_log() {
+        // Half of a 1 MiB log is 128 sectors: 126 pages take one descriptor sector (127 in
+        // all); a 127th page would need a second descriptor sector (129).
+        let n = pages_per_entry(MIB) as u64;
+        assert_eq!(n, 126);
+        assert!(descriptor_sectors(n) + n <= 128);
+        assert!(descriptor_sectors(n + 1) + n + 1 > 128);
+        assert!(pages_per_entry(8 * MIB) > 1000);
+    }
+}

@@ -1,0 +1,505 @@
+//! Changing a writable file: writes, discards, write-zeroes, flush and clean close.
+//!
+//! Data goes straight to the file; metadata (BAT entries, sector-bitmap bits) changes in memory
+//! and reaches the file only through the WAL worker ([`super::log::writer`]). The ordering rules
+//! of the design notes, and where each is kept:
+//!
+//! 1. The first change of a session writes new File/DataWriteGuids and a LogGuid (flushed)
+//!    before anything else: [`Writer::session`].
+//! 2. A BAT entry never becomes durable before the space it points at holds what it promises:
+//!    recycled space is zero-filled and data is written *before* the entry is published in
+//!    memory, and the WAL flushes data before it logs the entry.
+//! 5. Freed space is reused only once the change that freed it is durable: [`FreeSpace`].
+//! 6. A bitmap block is allocated and zeroed before any PARTIALLY_PRESENT entry points at it, and
+//!    a block's bits are cleared when it leaves PARTIALLY_PRESENT.
+//!
+//! Concurrency: 64 striped reader/writer locks guard block state. Writes and zero-fills to an
+//! allocated block take the read side, so queues write different (or the same) allocated blocks
+//! in parallel; state changes (allocation, trim) take the write side, so two writers allocate a
+//! block once and a trim never frees space a write is still landing in.
+
+use std::io;
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, RwLock};
+
+use uuid::Uuid;
+
+use super::bat::{Bat, Geometry};
+use super::bitmap::BitmapCache;
+use super::buffers::{WriteSource, Zeros};
+use super::error::{Error, Result};
+use super::format::*;
+use super::header::Headers;
+use super::log::writer::{PageSource, Wal};
+use super::space::{Allocation, FreeSpace};
+use super::storage::Storage;
+
+const STRIPES: usize = 64;
+
+/// The metadata pages the WAL logs, read from the in-memory truth.
+struct MetadataPages {
+    storage: Arc<dyn Storage>,
+    bat: Arc<Bat>,
+    bitmaps: Arc<BitmapCache>,
+    bat_offset: u64,
+}
+
+impl PageSource for MetadataPages {
+    fn page(&self, file_offset: u64, out: &mut [u8; LOG_SECTOR_SIZE]) -> io::Result<()> {
+        let bat_end = self.bat_offset + self.bat.len() * 8;
+        if (self.bat_offset..bat_end).contains(&file_offset) {
+            // Entries past the table's end (the region's slack) keep what the file has.
+            self.storage.read_at(&mut out[..], file_offset)?;
+            let first = (file_offset - self.bat_offset) / 8;
+            for (i, chunk) in out.chunks_exact_mut(8).enumerate() {
+                let index = first + i as u64;
+                if index < self.bat.len() {
+                    chunk.copy_from_slice(&self.bat.entry(index).0.to_le_bytes());
+                }
+            }
+            return Ok(());
+        }
+        if self.bitmaps.copy_page(file_offset, &mut out[..]) {
+            return Ok(());
+        }
+        self.storage.read_at(&mut out[..], file_offset).map(|_| ())
+    }
+}
+
+/// State that exists once the session's first change has been made.
+struct Session {
+    wal: Wal,
+    space: Arc<Mutex<FreeSpace>>,
+}
+
+pub struct Writer {
+    storage: Arc<dyn Storage>,
+    bat: Arc<Bat>,
+    bitmaps: Arc<BitmapCache>,
+    geometry: Geometry,
+    /// LeaveBlockAllocated without a parent: blocks are zeroed in place, never freed.
+    fixed: bool,
+    bat_offset: u64,
+    log_offset: u64,
+    log_length: u64,
+    /// Extents structures used at open; free space is derived from them at session start.
+    used_at_open: Vec<(u64, u64)>,
+    headers: Mutex<Headers>,
+    stripes: Vec<RwLock<()>>,
+    bitmap_alloc: Mutex<()>,
+    session_init: Mutex<()>,
+    session: OnceLock<Session>,
+    poisoned: Mutex<Option<String>>,
+}
+
+pub struct WriterParts {
+    pub storage: Arc<dyn Storage>,
+    pub bat: Arc<Bat>,
+    pub bitmaps: Arc<BitmapCache>,
+    pub fixed: bool,
+    pub bat_offset: u64,
+    pub log_offset: u64,
+    pub log_length: u64,
+    pub used: Vec<(u64, u64)>,
+    pub headers: Headers,
+}
+
+fn locked<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Writer {
+    pub fn new(p: WriterParts) -> Writer {
+        Writer {
+            geometry: p.bat.geometry,
+            storage: p.storage,
+            bat: p.bat,
+            bitmaps: p.bitmaps,
+            fixed: p.fixed,
+            bat_offset: p.bat_offset,
+            log_offset: p.log_offset,
+            log_length: p.log_length,
+            used_at_open: p.used,
+            headers: Mutex::new(p.headers),
+            stripes: (0..STRIPES).map(|_| RwLock::new(())).collect(),
+            bitmap_alloc: Mutex::new(()),
+            session_init: Mutex::new(()),
+            session: OnceLock::new(),
+            poisoned: Mutex::new(None),
+        }
+    }
+
+    pub fn bitmaps(&self) -> &BitmapCache {
+        &self.bitmaps
+    }
+
+    pub fn headers(&self) -> Headers {
+        locked(&self.headers).clone()
+    }
+
+    fn check_poison(&self) -> Result<()> {
+        if let Some(reason) = locked(&self.poisoned).clone() {
+            return Err(Error::Poisoned(reason));
+        }
+        if let Some(reason) = self.session.get().and_then(|s| s.wal.poisoned()) {
+            return Err(Error::Poisoned(reason));
+        }
+        Ok(())
+    }
+
+    /// Marks the file unusable: every later request fails and nothing more is written.
+    fn poison(&self, reason: String) {
+        log::error!("VHDX file poisoned: {reason}");
+        locked(&self.poisoned).get_or_insert(reason.clone());
+        if let Some(s) = self.session.get() {
+            s.wal.poison(reason);
+        }
+    }
+
+    /// Turns an I/O error into a poisoned file.
+    fn io<T>(&self, what: &str, r: io::Result<T>) -> Result<T> {
+        r.map_err(|e| {
+            self.poison(format!("{what}: {e}"));
+            Error::io(what, e)
+        })
+    }
+
+    fn stripe(&self, block: u64) -> &RwLock<()> {
+        &self.stripes[(block % STRIPES as u64) as usize]
+    }
+
+    /// The session, started on first use (design rule 1).
+    fn session(&self) -> Result<&Session> {
+        if let Some(s) = self.session.get() {
+            return Ok(s);
+        }
+        let _init = locked(&self.session_init);
+        if let Some(s) = self.session.get() {
+            return Ok(s);
+        }
+        let session = self.start_session()?;
+        Ok(self.session.get_or_init(|| session))
+    }
+
+    fn start_session(&self) -> Result<Session> {
+        let log_guid = Uuid::new_v4();
+        {
+            let mut headers = locked(&self.headers);
+            let mut h = headers.current;
+            h.file_write_guid = Uuid::new_v4();
+            h.data_write_guid = Uuid::new_v4();
+            h.log_guid = log_guid;
+            if let Err(e) = headers.update(&*self.storage, h) {
+                self.poison(e.to_string());
+                return Err(e);
+            }
+        }
+        // Space past the last structure may hold anything an earlier session left (a crash
+        // after a block's data but before its BAT entry): cut it off, so that growing the file
+        // again yields space known to read as zeros. The next commit's flush makes the new
+        // length durable before any entry relies on it.
+        let used_end = self
+            .used_at_open
+            .iter()
+            .map(|&(o, l)| o + l)
+            .max()
+            .unwrap_or(0);
+        let end = align_up(used_end, MIB).unwrap_or(used_end);
+        let len = self.io("reading the file size", self.storage.len())?;
+        if len != end {
+            self.io("trimming the file", self.storage.set_len(end))?;
+        }
+        let space = Arc::new(Mutex::new(FreeSpace::new(&self.used_at_open, end)));
+        let hook_space = Arc::clone(&space);
+        let pages = Arc::new(MetadataPages {
+            storage: Arc::clone(&self.storage),
+            bat: Arc::clone(&self.bat),
+            bitmaps: Arc::clone(&self.bitmaps),
+            bat_offset: self.bat_offset,
+        });
+        let wal = self.io(
+            "starting the log writer",
+            Wal::start(
+                Arc::clone(&self.storage),
+                pages,
+                Box::new(move |generation| locked(&hook_space).durable(generation)),
+                self.log_offset,
+                self.log_length,
+                log_guid,
+            ),
+        )?;
+        Ok(Session { wal, space })
+    }
+
+    fn allocate(&self, s: &Session, len: u64) -> Result<Allocation> {
+        let mut space = locked(&s.space);
+        let (allocation, grow) = space.allocate(len);
+        if let Some(new_len) = grow {
+            self.io("growing the file", self.storage.set_len(new_len))?;
+        }
+        Ok(allocation)
+    }
+
+    fn mark_dirty(&self, s: &Session, pages: &[u64]) -> Result<u64> {
+        self.io("recording a metadata change", s.wal.mark_dirty(pages))
+    }
+
+    fn bat_page(&self, index: u64) -> u64 {
+        self.bat_offset + index * 8 / LOG_SECTOR_SIZE as u64 * LOG_SECTOR_SIZE as u64
+    }
+
+    /// Publishes a BAT entry and marks its page dirty; returns the WAL generation.
+    fn publish(&self, s: &Session, index: u64, entry: BatEntry) -> Result<u64> {
+        self.bat.set_entry(index, entry);
+        self.mark_dirty(s, &[self.bat_page(index)])
+    }
+
+    /// Sets or clears the bitmap bits of sectors `[in_block, in_block + n)` of `block`.
+    fn set_bits(&self, s: &Session, block: u64, in_block: u64, n: u64, value: bool) -> Result<()> {
+        let g = &self.geometry;
+        let lss = u64::from(g.logical_sector_size);
+        let chunk = block / g.chunk_ratio();
+        let sb = self.bat.bitmap(chunk).file_offset();
+        let first_bit = (block % g.chunk_ratio()) * g.sectors_per_block() + in_block / lss;
+        let pages = self.io(
+            "updating a sector bitmap",
+            self.bitmaps
+                .set_bits(&*self.storage, sb, first_bit, n / lss, value),
+        )?;
+        self.mark_dirty(s, &pages)?;
+        Ok(())
+    }
+
+    /// The bitmap block of `chunk`, allocated and zeroed if it was not present (rule 6).
+    fn ensure_bitmap_block(&self, s: &Session, chunk: u64) -> Result<()> {
+        let _guard = locked(&self.bitmap_alloc);
+        if self.bat.bitmap(chunk).state_bits() == SB_BLOCK_PRESENT {
+            return Ok(());
+        }
+        let a = self.allocate(s, SECTOR_BITMAP_BLOCK_SIZE)?;
+        if !a.zeroed {
+            self.io(
+                "zeroing a sector bitmap block",
+                self.storage
+                    .write_zeroes(a.offset, SECTOR_BITMAP_BLOCK_SIZE),
+            )?;
+        }
+        self.bitmaps.forget_block(a.offset);
+        let index = self.geometry.bitmap_index(chunk);
+        self.publish(s, index, BatEntry::new(SB_BLOCK_PRESENT, a.offset))?;
+        Ok(())
+    }
+
+    /// Writes `src` at virtual `offset` (checked by the caller: sector-aligned, inside the disk).
+    pub fn write(&self, offset: u64, src: &dyn WriteSource) -> Result<()> {
+        self.check_poison()?;
+        let s = self.session()?;
+        let bs = u64::from(self.geometry.block_size);
+        let end = offset + src.len() as u64;
+        let mut pos = offset;
+        while pos < end {
+            let block = pos / bs;
+            let in_block = pos % bs;
+            let n = (bs - in_block).min(end - pos);
+            self.write_block(s, block, in_block, n, src, (pos - offset) as usize)?;
+            pos += n;
+        }
+        Ok(())
+    }
+
+    fn write_block(
+        &self,
+        s: &Session,
+        block: u64,
+        in_block: u64,
+        n: u64,
+        src: &dyn WriteSource,
+        at: usize,
+    ) -> Result<()> {
+        let bs = u64::from(self.geometry.block_size);
+        let whole = n == bs;
+        let write_at = |file_offset: u64| {
+            self.io(
+                "writing data",
+                src.write_to(at, n as usize, &*self.storage, file_offset + in_block),
+            )
+        };
+        // Fast path: the block is already where the data goes.
+        {
+            let _shared = self.stripe(block).read().unwrap_or_else(|e| e.into_inner());
+            let (state, entry) = self.bat.payload(block);
+            match state {
+                PayloadBlockState::FullyPresent => return write_at(entry.file_offset()),
+                PayloadBlockState::PartiallyPresent if !whole => {
+                    write_at(entry.file_offset())?;
+                    return self.set_bits(s, block, in_block, n, true);
+                }
+                _ => {}
+            }
+        }
+        let _exclusive = self
+            .stripe(block)
+            .write()
+            .unwrap_or_else(|e| e.into_inner());
+        let index = self.geometry.payload_index(block);
+        let (state, entry) = self.bat.payload(block);
+        match state {
+            PayloadBlockState::FullyPresent => write_at(entry.file_offset()),
+            PayloadBlockState::PartiallyPresent if !whole => {
+                write_at(entry.file_offset())?;
+                self.set_bits(s, block, in_block, n, true)
+            }
+            PayloadBlockState::PartiallyPresent => {
+                // Every sector is now in this file: the block leaves PARTIALLY_PRESENT and its
+                // bits are cleared (rule 6).
+                write_at(entry.file_offset())?;
+                self.set_bits(s, block, 0, bs, false)?;
+                let full =
+                    BatEntry::new(PayloadBlockState::FullyPresent.bits(), entry.file_offset());
+                self.publish(s, index, full).map(drop)
+            }
+            PayloadBlockState::NotPresent if self.geometry.has_parent && !whole => {
+                // The rest of the block stays in the parent: no fill needed, only bits.
+                self.ensure_bitmap_block(s, block / self.geometry.chunk_ratio())?;
+                let a = self.allocate(s, bs)?;
+                write_at(a.offset)?;
+                self.set_bits(s, block, in_block, n, true)?;
+                let partial = BatEntry::new(PayloadBlockState::PartiallyPresent.bits(), a.offset);
+                self.publish(s, index, partial).map(drop)
+            }
+            _ => {
+                // NOT_PRESENT (no parent, or a whole-block write), ZERO, UNMAPPED, UNDEFINED:
+                // the rest of the block reads as zeros, so recycled space is zero-filled.
+                let a = self.allocate(s, bs)?;
+                if !a.zeroed && !whole {
+                    self.io(
+                        "zero-filling a new block",
+                        self.storage.write_zeroes(a.offset, in_block).and_then(|_| {
+                            self.storage
+                                .write_zeroes(a.offset + in_block + n, bs - in_block - n)
+                        }),
+                    )?;
+                }
+                write_at(a.offset)?;
+                let full = BatEntry::new(PayloadBlockState::FullyPresent.bits(), a.offset);
+                self.publish(s, index, full).map(drop)
+            }
+        }
+    }
+
+    /// Discards (`zero == false`) or zeroes `[offset, offset + len)`. Whole blocks change state
+    /// and give back their space; partial blocks are written with zeros when zeroing, and left
+    /// alone by a discard (the advertised discard granularity is the block size).
+    pub fn trim(&self, offset: u64, len: u64, zero: bool) -> Result<()> {
+        self.check_poison()?;
+        let s = self.session()?;
+        let bs = u64::from(self.geometry.block_size);
+        let disk_end = self.geometry.virtual_disk_size;
+        let end = offset + len;
+        let mut pos = offset;
+        while pos < end {
+            let block = pos / bs;
+            let in_block = pos % bs;
+            let n = (bs - in_block).min(end - pos);
+            // The last block may be cut short by the end of the disk.
+            let whole = in_block == 0 && (n == bs || pos + n == disk_end);
+            if whole {
+                self.trim_block(s, block, zero)?;
+            } else if zero && !self.reads_zero(block) {
+                self.write_block(s, block, in_block, n, &Zeros(n as usize), 0)?;
+            }
+            pos += n;
+        }
+        Ok(())
+    }
+
+    /// Whether a block reads as zeros without consulting this file's data or a parent.
+    fn reads_zero(&self, block: u64) -> bool {
+        match self.bat.payload(block).0 {
+            PayloadBlockState::Zero
+            | PayloadBlockState::Unmapped
+            | PayloadBlockState::Undefined => true,
+            PayloadBlockState::NotPresent => !self.geometry.has_parent,
+            _ => false,
+        }
+    }
+
+    fn trim_block(&self, s: &Session, block: u64, zero: bool) -> Result<()> {
+        let bs = u64::from(self.geometry.block_size);
+        let _exclusive = self
+            .stripe(block)
+            .write()
+            .unwrap_or_else(|e| e.into_inner());
+        let (state, entry) = self.bat.payload(block);
+        if self.fixed {
+            // A fixed file keeps every block allocated: zero in place.
+            if state == PayloadBlockState::FullyPresent {
+                self.io(
+                    "zeroing a block",
+                    self.storage.write_zeroes(entry.file_offset(), bs),
+                )?;
+            }
+            return Ok(());
+        }
+        // Discard → UNMAPPED, write-zeroes → ZERO; both read as zeros and neither consults a
+        // parent, so a trim never brings back parent data.
+        let target = if zero {
+            PayloadBlockState::Zero
+        } else {
+            PayloadBlockState::Unmapped
+        };
+        let index = self.geometry.payload_index(block);
+        if !state.has_data() {
+            let change = match state {
+                PayloadBlockState::NotPresent if self.geometry.has_parent => true,
+                _ if !zero => false,
+                PayloadBlockState::Zero => false,
+                _ => true,
+            };
+            if change {
+                self.publish(s, index, BatEntry::new(target.bits(), 0))?;
+            }
+            return Ok(());
+        }
+        if state == PayloadBlockState::PartiallyPresent {
+            self.set_bits(s, block, 0, bs, false)?;
+        }
+        let generation = self.publish(s, index, BatEntry::new(target.bits(), 0))?;
+        locked(&s.space).release(entry.file_offset(), bs, generation);
+        Ok(())
+    }
+
+    /// Makes every change completed before the call durable.
+    pub fn flush(&self) -> Result<()> {
+        self.check_poison()?;
+        match self.session.get() {
+            Some(s) => self.io("flushing", s.wal.flush()),
+            None => Ok(()),
+        }
+    }
+
+    /// Commits everything, empties the log (LogGuid back to zero) and gives back free space at
+    /// the end of the file. A file that was never changed is left untouched.
+    pub fn close(mut self) -> Result<()> {
+        self.check_poison()?;
+        let Some(s) = self.session.take() else {
+            return Ok(());
+        };
+        self.io("committing the log", s.wal.shutdown())?;
+        // The last commit's in-place writes must be durable before the log is declared empty.
+        self.io("flushing", self.storage.flush())?;
+        {
+            let mut headers = locked(&self.headers);
+            let mut h = headers.current;
+            h.log_guid = Uuid::nil();
+            if let Err(e) = headers.update(&*self.storage, h) {
+                self.poison(e.to_string());
+                return Err(e);
+            }
+        }
+        // With the log empty, a shorter file can no longer look truncated to a replay.
+        let end = locked(&s.space).trimmed_end();
+        let end = align_up(end, MIB).unwrap_or(end);
+        self.io("trimming the file", self.storage.set_len(end))?;
+        self.io("flushing", self.storage.flush())
+    }
+}
