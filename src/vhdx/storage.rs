@@ -28,6 +28,11 @@ pub trait Storage: Send + Sync {
     fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()> {
         write_zeroes_by_writing(self, offset, len)
     }
+    /// Makes `[offset, offset + len)` read as zeros and gives its space back to the host
+    /// filesystem where it can (a hole).
+    fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.write_zeroes(offset, len)
+    }
     /// The plain file under this storage, when reads of payload data may bypass the layer (no
     /// overlay and no interception). Used by the backend for vectored I/O into guest memory.
     fn as_file(&self) -> Option<&File> {
@@ -108,6 +113,23 @@ impl Storage for File {
         write_zeroes_by_writing(self, offset, len)
     }
 
+    fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
+        use nix::fcntl::{fallocate, FallocateFlags};
+        let end = offset.saturating_add(len);
+        if len > 0 && end <= Storage::len(self)? {
+            let r = fallocate(
+                self,
+                FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE,
+                offset as i64,
+                len as i64,
+            );
+            if r.is_ok() {
+                return Ok(());
+            }
+        }
+        Storage::write_zeroes(self, offset, len)
+    }
+
     fn as_file(&self) -> Option<&File> {
         Some(self)
     }
@@ -131,6 +153,9 @@ impl<S: Storage + ?Sized> Storage for Arc<S> {
     }
     fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()> {
         (**self).write_zeroes(offset, len)
+    }
+    fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
+        (**self).punch_hole(offset, len)
     }
     fn as_file(&self) -> Option<&File> {
         (**self).as_file()

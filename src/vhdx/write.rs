@@ -182,21 +182,10 @@ impl Writer {
 
     fn start_session(&self) -> Result<Session> {
         let log_guid = Uuid::new_v4();
-        {
-            let mut headers = locked(&self.headers);
-            let mut h = headers.current;
-            h.file_write_guid = Uuid::new_v4();
-            h.data_write_guid = Uuid::new_v4();
-            h.log_guid = log_guid;
-            if let Err(e) = headers.update(&*self.storage, h) {
-                self.poison(e.to_string());
-                return Err(e);
-            }
-        }
         // Space past the last structure may hold anything an earlier session left (a crash
         // after a block's data but before its BAT entry): cut it off, so that growing the file
-        // again yields space known to read as zeros. The next commit's flush makes the new
-        // length durable before any entry relies on it.
+        // again yields space known to read as zeros. The flush of the log's first entry makes
+        // the new length durable before any entry relies on it.
         let used_end = self
             .used_at_open
             .iter()
@@ -227,6 +216,17 @@ impl Writer {
                 log_guid,
             ),
         )?;
+        // Only now that the log holds a valid (empty) entry under the new LogGuid do the
+        // headers name it, with the session's new File- and DataWriteGuid (rule 1).
+        let mut headers = locked(&self.headers);
+        let mut h = headers.current;
+        h.file_write_guid = Uuid::new_v4();
+        h.data_write_guid = Uuid::new_v4();
+        h.log_guid = log_guid;
+        if let Err(e) = headers.update(&*self.storage, h) {
+            self.poison(e.to_string());
+            return Err(e);
+        }
         Ok(Session { wal, space })
     }
 
@@ -440,8 +440,10 @@ impl Writer {
             }
             return Ok(());
         }
-        // Discard → UNMAPPED, write-zeroes → ZERO; both read as zeros and neither consults a
-        // parent, so a trim never brings back parent data.
+        if self.geometry.has_parent {
+            return self.trim_differencing_block(s, block, state, entry);
+        }
+        // Discard → UNMAPPED, write-zeroes → ZERO: both read as zeros, and the space is freed.
         let target = if zero {
             PayloadBlockState::Zero
         } else {
@@ -449,22 +451,60 @@ impl Writer {
         };
         let index = self.geometry.payload_index(block);
         if !state.has_data() {
-            let change = match state {
-                PayloadBlockState::NotPresent if self.geometry.has_parent => true,
-                _ if !zero => false,
-                PayloadBlockState::Zero => false,
-                _ => true,
-            };
-            if change {
+            // Already reads as zeros; a write-zeroes still moves it to ZERO, the one state every
+            // reader must read as zeros.
+            if zero && state != PayloadBlockState::Zero {
                 self.publish(s, index, BatEntry::new(target.bits(), 0))?;
             }
             return Ok(());
         }
+        let generation = self.publish(s, index, BatEntry::new(target.bits(), 0))?;
+        locked(&s.space).release(entry.file_offset(), bs, generation);
+        Ok(())
+    }
+
+    /// A trimmed block of a differencing file must read as zeros, never as the parent's data.
+    /// The spec's ZERO state says so, but libvhdi (and so every tool built on it) reads ZERO and
+    /// UNMAPPED blocks of a differencing file from the parent. A FULLY_PRESENT block whose
+    /// space is a hole reads as zeros in every implementation and costs no host space, so that
+    /// is what a trim makes here.
+    fn trim_differencing_block(
+        &self,
+        s: &Session,
+        block: u64,
+        state: PayloadBlockState,
+        entry: BatEntry,
+    ) -> Result<()> {
+        let bs = u64::from(self.geometry.block_size);
+        let index = self.geometry.payload_index(block);
+        let offset = match state {
+            PayloadBlockState::FullyPresent | PayloadBlockState::PartiallyPresent => {
+                entry.file_offset()
+            }
+            // Reads zeros already (ours; see above for libvhdi): leave it.
+            PayloadBlockState::Zero
+            | PayloadBlockState::Unmapped
+            | PayloadBlockState::Undefined => return Ok(()),
+            PayloadBlockState::NotPresent => {
+                let a = self.allocate(s, bs)?;
+                if a.zeroed {
+                    a.offset
+                } else {
+                    self.io("zeroing a block", self.storage.punch_hole(a.offset, bs))?;
+                    a.offset
+                }
+            }
+        };
+        if state != PayloadBlockState::NotPresent {
+            self.io("zeroing a block", self.storage.punch_hole(offset, bs))?;
+        }
         if state == PayloadBlockState::PartiallyPresent {
             self.set_bits(s, block, 0, bs, false)?;
         }
-        let generation = self.publish(s, index, BatEntry::new(target.bits(), 0))?;
-        locked(&s.space).release(entry.file_offset(), bs, generation);
+        if state != PayloadBlockState::FullyPresent {
+            let full = BatEntry::new(PayloadBlockState::FullyPresent.bits(), offset);
+            self.publish(s, index, full)?;
+        }
         Ok(())
     }
 

@@ -84,7 +84,10 @@ fn lock(shared: &Shared) -> MutexGuard<'_, State> {
 }
 
 impl Wal {
-    /// Starts the worker for a log whose LogGuid is already set (and flushed) in the headers.
+    /// Starts a log for a new session: writes an empty entry under the new `log_guid` at the
+    /// start of the log and flushes it, then starts the worker. The caller sets LogGuid in the
+    /// headers only after this returns, so a header that names the log always finds a valid
+    /// sequence in it, even if the session ends before its first commit.
     pub fn start(
         storage: Arc<dyn Storage>,
         pages: Arc<dyn PageSource>,
@@ -111,10 +114,25 @@ impl Wal {
             log_length,
             log_guid,
         });
+        let size = shared.storage.len()?;
+        let empty = build_entry(
+            log_guid,
+            1,
+            0,
+            size / MIB * MIB,
+            align_up(size, MIB).unwrap_or(size),
+            &[],
+        );
+        write_wrapped(&shared, 0, &empty)?;
+        shared.storage.flush()?;
+        let cursor = Cursor {
+            position: empty.len() as u64,
+            sequence: 1,
+        };
         let worker = Arc::clone(&shared);
         let thread = std::thread::Builder::new()
             .name("vhdx-wal".into())
-            .spawn(move || run(&worker))?;
+            .spawn(move || run(&worker, cursor))?;
         Ok(Wal {
             shared,
             thread: Some(thread),
@@ -200,7 +218,7 @@ fn poison_error(reason: &str) -> io::Error {
     ))
 }
 
-fn run(shared: &Shared) {
+fn run(shared: &Shared, mut cursor: Cursor) {
     let epfd = match epoll::create(true) {
         Ok(fd) => fd,
         Err(e) => return poison(shared, format!("epoll_create: {e}")),
@@ -215,10 +233,6 @@ fn run(shared: &Shared) {
         let _ = epoll::close(epfd);
         return poison(shared, format!("epoll_ctl: {e}"));
     }
-    let mut cursor = Cursor {
-        position: 0,
-        sequence: 0,
-    };
     let mut events = [epoll::Event::new(epoll::Events::empty(), 0); 1];
     loop {
         match epoll::wait(epfd, COMMIT_INTERVAL.as_millis() as i32, &mut events) {
