@@ -61,8 +61,7 @@ pub fn find_active_sequence(
     storage
         .read_at(&mut log, log_offset)
         .map_err(|e| Error::io("reading the log", e))?;
-    let plan = plan_from_log(&log, log_guid)?;
-    let head_flushed = plan.1;
+    let (plan, head_flushed, origins) = plan_from_log(&log, log_guid)?;
     if file_size < head_flushed {
         return Err(Corruption::LogFileTruncated {
             file_size,
@@ -70,13 +69,22 @@ pub fn find_active_sequence(
         }
         .into());
     }
-    check_targets(&plan.0, log_offset, log_length)?;
-    Ok(plan.0)
+    check_targets(&plan, &origins, log_offset, log_length)?;
+    Ok(plan)
 }
 
-/// The scan of §2.3.3 over an in-memory copy of the log. Returns the plan and the head's
-/// FlushedFileOffset.
-fn plan_from_log(log: &[u8], log_guid: Uuid) -> Result<(ReplayPlan, u64)> {
+/// Where in the log the changes of a plan come from, for error messages.
+#[derive(Debug)]
+struct Origins {
+    /// The log offset of the entry of each op, in order.
+    ops: Vec<u64>,
+    /// The log offset of the head entry.
+    head: u64,
+}
+
+/// The scan of §2.3.3 over an in-memory copy of the log. Returns the plan, the head's
+/// FlushedFileOffset and the entries its changes come from.
+fn plan_from_log(log: &[u8], log_guid: Uuid) -> Result<(ReplayPlan, u64, Origins)> {
     let log_len = log.len() as u64;
     // Each position is parsed at most once, which keeps the scan linear in the log size even
     // for a hostile log.
@@ -143,6 +151,13 @@ fn plan_from_log(log: &[u8], log_guid: Uuid) -> Result<(ReplayPlan, u64)> {
         .expect("complete sequence");
     let entries = &seq.entries[start..];
     let ops = entries.iter().flat_map(|e| e.ops.iter().cloned()).collect();
+    let origins = Origins {
+        ops: entries
+            .iter()
+            .flat_map(|e| e.ops.iter().map(|_| e.position))
+            .collect(),
+        head: head.position,
+    };
     let min_file_size = align_up(head.last_file_offset, MIB).unwrap_or(u64::MAX);
     Ok((
         ReplayPlan {
@@ -152,18 +167,24 @@ fn plan_from_log(log: &[u8], log_guid: Uuid) -> Result<(ReplayPlan, u64)> {
             head_sequence: head.sequence_number,
         },
         head.flushed_file_offset,
+        origins,
     ))
 }
 
 /// Replay may touch metadata anywhere after the headers (the region tables are logged), but
 /// never the file identifier, the headers or the log itself.
-fn check_targets(plan: &ReplayPlan, log_offset: u64, log_length: u64) -> Result<()> {
+fn check_targets(
+    plan: &ReplayPlan,
+    origins: &Origins,
+    log_offset: u64,
+    log_length: u64,
+) -> Result<()> {
     let first_allowed = REGION_TABLE_OFFSETS[0];
-    for op in &plan.ops {
+    for (op, &entry) in plan.ops.iter().zip(&origins.ops) {
         let (offset, length) = (op.file_offset(), op.length());
         let bad = |reason: &str| {
             Error::from(Corruption::BadLogEntry {
-                offset: 0,
+                offset: entry,
                 reason: format!("a change at {offset:#x} length {length:#x} {reason}"),
             })
         };
@@ -182,7 +203,7 @@ fn check_targets(plan: &ReplayPlan, log_offset: u64, log_length: u64) -> Result<
     }
     if plan.min_file_size > 2 * MAX_VIRTUAL_DISK_SIZE {
         return Err(Corruption::BadLogEntry {
-            offset: 0,
+            offset: origins.head,
             reason: format!(
                 "LastFileOffset {:#x} is beyond any possible VHDX file",
                 plan.min_file_size
@@ -254,7 +275,7 @@ mod tests {
         let e11 = build_entry(GUID, 11, 8192, 0, 5 * MIB, &[data_op(3 * MIB, 2)]);
         put(&mut log, 0, &e10);
         put(&mut log, 8192, &e11);
-        let (plan, _) = plan_from_log(&log, GUID).unwrap();
+        let (plan, ..) = plan_from_log(&log, GUID).unwrap();
         assert_eq!(plan.ops, vec![data_op(3 * MIB, 2)]);
         assert_eq!(plan.min_file_size, 5 * MIB);
         assert_eq!(plan.head_sequence, 11);
@@ -268,7 +289,7 @@ mod tests {
         let orphan = build_entry(GUID, 9, 32768, 0, 0, &[data_op(2 * MIB, 9)]);
         put(&mut log, 0, &good);
         put(&mut log, 16384, &orphan);
-        let (plan, _) = plan_from_log(&log, GUID).unwrap();
+        let (plan, ..) = plan_from_log(&log, GUID).unwrap();
         assert_eq!(plan.head_sequence, 3);
     }
 
@@ -316,7 +337,7 @@ mod tests {
         let at = 4096 + 3 * 8192;
         let e = build_entry(GUID, 20, at as u64, 0, 0, &[data_op(2 * MIB, 20)]);
         put(&mut log, at, &e);
-        let (plan, _) = plan_from_log(&log, GUID).unwrap();
+        let (plan, ..) = plan_from_log(&log, GUID).unwrap();
         assert_eq!(plan.head_sequence, 20);
         assert_eq!(plan.ops, vec![data_op(2 * MIB, 20)]);
     }
@@ -329,11 +350,40 @@ mod tests {
             entries: 1,
             head_sequence: 1,
         };
-        assert!(check_targets(&plan, MIB, MIB).is_err());
+        let origins = Origins {
+            ops: vec![0x2000],
+            head: 0x2000,
+        };
+        assert!(check_targets(&plan, &origins, MIB, MIB).is_err());
         let plan = ReplayPlan {
             ops: vec![data_op(MIB + 4096, 0)],
             ..plan
         };
-        assert!(check_targets(&plan, MIB, MIB).is_err());
+        assert!(check_targets(&plan, &origins, MIB, MIB).is_err());
+    }
+
+    #[test]
+    fn a_refused_change_names_its_entry() {
+        // Entry 1 at 0 is fine; entry 2 at 8K (same sequence, Tail 0) writes over header 1.
+        let mut log = vec![0u8; 64 * 1024];
+        put(
+            &mut log,
+            0,
+            &build_entry(GUID, 1, 0, 0, 0, &[data_op(2 * MIB, 1)]),
+        );
+        let e2 = build_entry(GUID, 2, 0, 0, 0, &[data_op(64 * 1024, 2)]);
+        put(&mut log, 8192, &e2);
+        let (plan, _, origins) = plan_from_log(&log, GUID).unwrap();
+        assert_eq!(origins.ops, vec![0, 8192]);
+        let err = check_targets(&plan, &origins, MIB, MIB).unwrap_err();
+        assert_eq!(
+            err.corruption(),
+            Some(&Corruption::BadLogEntry {
+                offset: 8192,
+                reason: "a change at 0x10000 length 0x1000 would overwrite the file identifier \
+                         or a header"
+                    .into()
+            })
+        );
     }
 }
