@@ -118,6 +118,16 @@ pub fn run(args: CheckArgs) -> CliResult<ExitCode> {
         Some(RepairArg::Leaks) => Repair::Leaks,
         Some(RepairArg::All) => Repair::All,
     };
+    // A file that cannot be opened at all (missing, unreadable, a directory) is not a check
+    // result: one line on stderr and exit 1, as qemu-img does.
+    let opened = std::fs::File::open(&args.file).and_then(|f| f.metadata());
+    match opened {
+        Err(e) => return Err(format!("cannot open {}: {e}", args.file.display()).into()),
+        Ok(m) if m.is_dir() => {
+            return Err(format!("cannot open {}: is a directory", args.file.display()).into())
+        }
+        Ok(_) => {}
+    }
     let r = check::check(&args.file, repair, &args.chain.parents);
     match args.output {
         OutputFormat::Human => print_human(&r),

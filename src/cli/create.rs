@@ -32,8 +32,9 @@ pub struct CreateArgs {
     /// Quiet: print nothing on success.
     #[arg(short = 'q')]
     pub quiet: bool,
-    /// The new image; it must not exist.
-    pub file: PathBuf,
+    /// The new image; it must not exist. (Not needed with `-o help`.)
+    #[arg(required_unless_present = "options")]
+    pub file: Option<PathBuf>,
     /// Virtual size (k, M, G, T suffixes); defaults to the parent's.
     pub size: Option<String>,
 }
@@ -91,13 +92,14 @@ pub fn run(args: CreateArgs) -> CliResult<ExitCode> {
         println!("{OPTION_HELP}");
         return Ok(ExitCode::SUCCESS);
     }
+    let file = args.file.as_deref().ok_or("a file name is needed")?;
     let options = CreateOptions::try_from(&args)?;
-    create::create(&args.file, &options)?;
+    create::create(file, &options)?;
     if !args.quiet {
-        let f = crate::vhdx::VhdxFile::open(&args.file, false)?;
+        let f = crate::vhdx::VhdxFile::open(file, false)?;
         let mut line = format!(
             "Formatting '{}', fmt=vhdx size={} block_size={} log_size={} logical_sector_size={} subformat={}",
-            args.file.display(),
+            file.display(),
             f.virtual_size(),
             f.metadata.block_size,
             f.headers.current.log_length,

@@ -116,14 +116,43 @@ pub fn usage_error(e: clap::Error) -> ExitCode {
             }
         }
         _ => {
-            let rendered = e.render().to_string();
-            let first = rendered
-                .lines()
-                .find(|l| !l.trim().is_empty())
-                .unwrap_or("invalid arguments")
-                .trim_start_matches("error: ");
-            eprintln!("vhost-user-vhdx: {first} (see --help)");
+            eprintln!("vhost-user-vhdx: {} (see --help)", first_paragraph(&e));
             ExitCode::FAILURE
         }
+    }
+}
+
+/// The first paragraph of clap's message on one line: for missing arguments the names are on
+/// the lines after "the following required arguments were not provided:", so taking only the
+/// first line lost them.
+fn first_paragraph(e: &clap::Error) -> String {
+    let rendered = e.render().to_string();
+    let lines: Vec<&str> = rendered
+        .lines()
+        .skip_while(|l| l.trim().is_empty())
+        .take_while(|l| !l.trim().is_empty())
+        .map(str::trim)
+        .collect();
+    let text = lines.join(" ");
+    let text = text.trim_start_matches("error: ");
+    if text.is_empty() {
+        "invalid arguments".into()
+    } else {
+        text.to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn usage_errors_name_the_missing_arguments() {
+        let e = Cli::try_parse_from(["vhost-user-vhdx", "convert", "in.vhdx"]).unwrap_err();
+        let line = first_paragraph(&e);
+        assert!(line.contains("<OUTPUT>"), "{line}");
+        assert!(!line.contains('\n') && !line.contains("Usage"), "{line}");
+        let e = Cli::try_parse_from(["vhost-user-vhdx", "info", "--bogus", "x"]).unwrap_err();
+        assert!(first_paragraph(&e).contains("--bogus"));
     }
 }

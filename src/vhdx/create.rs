@@ -122,10 +122,8 @@ pub fn create_on(storage: &dyn Storage, options: &CreateOptions) -> Result<()> {
 fn parent_facts(child: &Path, parent_path: &Path) -> Result<ParentFacts> {
     let chain = Chain::open(parent_path, &ChainOptions::default())?;
     let p = chain.leaf();
-    let abs_parent = std::path::absolute(parent_path)
-        .map_err(|e| Error::io(format!("resolving {}", parent_path.display()), e))?;
-    let abs_child = std::path::absolute(child)
-        .map_err(|e| Error::io(format!("resolving {}", child.display()), e))?;
+    let abs_parent = resolved(parent_path)?;
+    let abs_child = resolved(child)?;
     let child_dir = abs_child.parent().unwrap_or(Path::new("/"));
     let relative = relative_path(child_dir, &abs_parent);
     let windows = |p: &Path| p.to_string_lossy().replace('/', "\\");
@@ -148,6 +146,24 @@ fn parent_facts(child: &Path, parent_path: &Path) -> Result<ParentFacts> {
         physical_sector_size: p.metadata.physical_sector_size,
         locator: ParentLocator { entries },
     })
+}
+
+/// `path` with its directory resolved by the OS (absolute, no `.`, `..` or symlinked
+/// directories) and its file name kept. `std::path::absolute` alone keeps `..`, which made the
+/// locator's relative path count `..` components as directories (`../c/child.vhdx` over
+/// `/x/b/p.vhdx` recorded `..\..\..\b\p.vhdx`) and put `..` into the `\\?\` absolute path,
+/// where Windows does not resolve it.
+fn resolved(path: &Path) -> Result<PathBuf> {
+    let name = path
+        .file_name()
+        .ok_or_else(|| Error::InvalidArgument(format!("{} is not a file name", path.display())))?;
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let dir = std::fs::canonicalize(dir)
+        .map_err(|e| Error::io(format!("resolving {}", dir.display()), e))?;
+    Ok(dir.join(name))
 }
 
 /// `target` relative to `base` (both absolute), with `..` where needed.
@@ -372,6 +388,36 @@ mod tests {
             relative_path(Path::new("/a/b"), Path::new("/a/b/p.vhdx")),
             Some(PathBuf::from("p.vhdx"))
         );
+    }
+
+    #[test]
+    fn locator_paths_have_no_dot_dot() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().canonicalize().unwrap();
+        for d in ["a", "b", "c"] {
+            std::fs::create_dir(root.join(d)).unwrap();
+        }
+        let parent = root.join("b/p.vhdx");
+        let opts = CreateOptions {
+            virtual_size: Some(MIB),
+            ..Default::default()
+        };
+        create(&parent, &opts).unwrap();
+        // `..` in the child's path: the relative path used to count it as a directory.
+        let facts = parent_facts(&root.join("a/../c/child.vhdx"), &parent).unwrap();
+        assert_eq!(
+            facts.locator.get(locator::KEY_RELATIVE_PATH),
+            Some(r"..\b\p.vhdx")
+        );
+        // `..` in the parent's path: the absolute path used to keep it.
+        let facts = parent_facts(&root.join("c/child.vhdx"), &root.join("a/../b/p.vhdx")).unwrap();
+        assert_eq!(
+            facts.locator.get(locator::KEY_RELATIVE_PATH),
+            Some(r"..\b\p.vhdx")
+        );
+        let abs = facts.locator.get(locator::KEY_ABSOLUTE_WIN32_PATH).unwrap();
+        assert!(!abs.contains(".."), "{abs}");
+        assert!(abs.ends_with(r"\b\p.vhdx"), "{abs}");
     }
 
     #[test]

@@ -82,6 +82,14 @@ impl VhdxFile {
             .write(writable)
             .open(path)
             .map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
+        // A directory opens read-only and has a size: without this it was reported as a
+        // "file too small" corruption.
+        if file.metadata().is_ok_and(|m| m.is_dir()) {
+            return Err(Error::io(
+                format!("opening {}", path.display()),
+                std::io::ErrorKind::IsADirectory.into(),
+            ));
+        }
         if lock {
             super::lock::lock_image(&file, writable)
                 .map_err(|e| Error::Locked(format!("{}: {e}", path.display())))?;

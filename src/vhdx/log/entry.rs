@@ -56,34 +56,34 @@ pub fn descriptor_sectors(count: u64) -> u64 {
     (count + 2).div_ceil(128)
 }
 
-/// Copies `len` bytes of the circular log starting at `position`.
-fn read_wrapped(log: &[u8], position: u64, len: u64) -> Vec<u8> {
-    let n = log.len() as u64;
-    let mut out = Vec::with_capacity(len as usize);
-    let mut pos = position % n;
-    let mut left = len;
-    while left > 0 {
-        let take = left.min(n - pos);
-        out.extend_from_slice(&log[pos as usize..(pos + take) as usize]);
-        left -= take;
-        pos = (pos + take) % n;
-    }
-    out
-}
-
 /// Parses and validates the entry at `position` of the log (the whole log region in `log`).
 /// `Err` says why there is no valid entry there.
+///
+/// The scan of §2.3.3 tries every 4 KiB position of the log, so this must not cost more than
+/// what it has validated: the header and descriptors are checked in place, the entry's length is
+/// checked against its descriptors before any data sector is read, and the checksum is computed
+/// last. A hostile EntryLength then costs one sector, not a copy of the whole log per position.
 pub fn parse_entry(log: &[u8], position: u64, log_guid: Uuid) -> Result<LogEntry, String> {
     let log_len = log.len() as u64;
-    let first = read_wrapped(log, position, LOG_SECTOR_SIZE as u64);
-    let header = LogEntryHeader::read_from_prefix(&first[..])
+    let sector_size = LOG_SECTOR_SIZE as u64;
+    if position % sector_size != 0 || log_len % sector_size != 0 || log_len == 0 {
+        return Err(format!(
+            "position {position:#x} is not a 4 KiB sector of the log"
+        ));
+    }
+    // Sector `k` of the entry; the log is whole sectors, so none straddles the wrap-around.
+    let sector = |k: u64| -> &[u8] {
+        let at = ((position + k * sector_size) % log_len) as usize;
+        &log[at..at + LOG_SECTOR_SIZE]
+    };
+    let header = LogEntryHeader::read_from_prefix(sector(0))
         .expect("4096 > 64")
         .0;
     if &header.signature != SIG_LOG_ENTRY {
         return Err("no entry signature".into());
     }
     let length = u64::from(header.entry_length.get());
-    if length == 0 || length % LOG_SECTOR_SIZE as u64 != 0 || length > log_len {
+    if length == 0 || length % sector_size != 0 || length > log_len {
         return Err(format!("entry length {length:#x} is invalid"));
     }
     let sequence_number = header.sequence_number.get();
@@ -94,73 +94,98 @@ pub fn parse_entry(log: &[u8], position: u64, log_guid: Uuid) -> Result<LogEntry
         return Err("LogGuid does not match the header's".into());
     }
     let tail = u64::from(header.tail.get());
-    if tail % LOG_SECTOR_SIZE as u64 != 0 || tail >= log_len {
+    if tail % sector_size != 0 || tail >= log_len {
         return Err(format!("tail {tail:#x} is invalid"));
     }
     let count = u64::from(header.descriptor_count.get());
     let desc_sectors = descriptor_sectors(count);
-    if desc_sectors * LOG_SECTOR_SIZE as u64 > length {
+    if desc_sectors * sector_size > length {
         return Err(format!(
             "{count} descriptors do not fit in {length:#x} bytes"
         ));
     }
-    let bytes = read_wrapped(log, position, length);
-    let mut ops = Vec::with_capacity(count as usize);
-    let mut data_sector = desc_sectors as usize;
-    for i in 0..count as usize {
-        let at = LOG_ENTRY_HEADER_SIZE + i * LOG_DESCRIPTOR_SIZE;
-        let d = LogDescriptor::read_from_prefix(&bytes[at..])
+    // Descriptors first (32 bytes each, never across a sector boundary).
+    let descriptor = |i: u64| -> LogDescriptor {
+        let at = LOG_ENTRY_HEADER_SIZE as u64 + i * LOG_DESCRIPTOR_SIZE as u64;
+        let within = (at % sector_size) as usize;
+        LogDescriptor::read_from_prefix(&sector(at / sector_size)[within..])
             .expect("inside descriptor sectors")
-            .0;
+            .0
+    };
+    let mut data_descriptors = 0u64;
+    for i in 0..count {
+        let d = descriptor(i);
         if d.sequence_number.get() != sequence_number {
             return Err(format!("descriptor {i} has another sequence number"));
         }
         let file_offset = d.file_offset.get();
-        if file_offset % LOG_SECTOR_SIZE as u64 != 0 {
+        if file_offset % sector_size != 0 {
             return Err(format!(
                 "descriptor {i} file offset {file_offset:#x} is not 4 KiB aligned"
             ));
         }
         if &d.signature == SIG_ZERO_DESC {
             let zero_length = u64::from_le_bytes(d.leading_bytes);
-            if zero_length % LOG_SECTOR_SIZE as u64 != 0 {
+            if zero_length % sector_size != 0 {
                 return Err(format!(
                     "zero descriptor {i} length {zero_length:#x} is not 4 KiB aligned"
                 ));
             }
+        } else if &d.signature == SIG_DATA_DESC {
+            data_descriptors += 1;
+        } else {
+            return Err(format!("descriptor {i} has no valid signature"));
+        }
+    }
+    if (desc_sectors + data_descriptors) * sector_size != length {
+        return Err(format!(
+            "entry length {length:#x} does not match its {count} descriptors"
+        ));
+    }
+    // Then the data sectors: one per data descriptor, in order.
+    let data_sector = |j: u64| -> LogDataSector {
+        LogDataSector::read_from_bytes(sector(desc_sectors + j)).expect("4096 bytes")
+    };
+    for j in 0..data_descriptors {
+        let s = data_sector(j);
+        let seq = (u64::from(s.sequence_high.get()) << 32) | u64::from(s.sequence_low.get());
+        if &s.signature != SIG_DATA_SECTOR || seq != sequence_number {
+            return Err(format!(
+                "data sector {} is torn or misplaced",
+                desc_sectors + j
+            ));
+        }
+    }
+    // The checksum covers every sector, with the checksum field taken as zero.
+    let first = sector(0);
+    let mut crc = crc32c::crc32c(&first[..LOG_ENTRY_CHECKSUM_OFFSET]);
+    crc = crc32c::crc32c_append(crc, &[0; 4]);
+    crc = crc32c::crc32c_append(crc, &first[LOG_ENTRY_CHECKSUM_OFFSET + 4..]);
+    for k in 1..length / sector_size {
+        crc = crc32c::crc32c_append(crc, sector(k));
+    }
+    if crc != header.checksum.get() {
+        return Err("bad checksum".into());
+    }
+    let mut ops = Vec::with_capacity(count as usize);
+    let mut next_data = 0;
+    for i in 0..count {
+        let d = descriptor(i);
+        let file_offset = d.file_offset.get();
+        if &d.signature == SIG_ZERO_DESC {
             ops.push(LogOp::Zero {
                 file_offset,
-                length: zero_length,
+                length: u64::from_le_bytes(d.leading_bytes),
             });
-        } else if &d.signature == SIG_DATA_DESC {
-            let start = data_sector * LOG_SECTOR_SIZE;
-            if start + LOG_SECTOR_SIZE > bytes.len() {
-                return Err("more data descriptors than data sectors".into());
-            }
-            let sector = LogDataSector::read_from_bytes(&bytes[start..start + LOG_SECTOR_SIZE])
-                .expect("4096 bytes");
-            let seq = (u64::from(sector.sequence_high.get()) << 32)
-                | u64::from(sector.sequence_low.get());
-            if &sector.signature != SIG_DATA_SECTOR || seq != sequence_number {
-                return Err(format!("data sector {data_sector} is torn or misplaced"));
-            }
+        } else {
+            let sector = data_sector(next_data);
+            next_data += 1;
             let mut data = Box::new([0u8; LOG_SECTOR_SIZE]);
             data[..8].copy_from_slice(&d.leading_bytes);
             data[8..4092].copy_from_slice(&sector.data);
             data[4092..].copy_from_slice(&d.trailing_bytes);
             ops.push(LogOp::Data { file_offset, data });
-            data_sector += 1;
-        } else {
-            return Err(format!("descriptor {i} has no valid signature"));
         }
-    }
-    if data_sector as u64 * LOG_SECTOR_SIZE as u64 != length {
-        return Err(format!(
-            "entry length {length:#x} does not match its {count} descriptors"
-        ));
-    }
-    if !checksum_matches(&bytes, LOG_ENTRY_CHECKSUM_OFFSET) {
-        return Err("bad checksum".into());
     }
     Ok(LogEntry {
         position,
@@ -294,6 +319,35 @@ mod tests {
         bytes[4096 + 4092] ^= 1; // sequence low of the data sector
         let err = parse_entry(&bytes, 0, guid).unwrap_err();
         assert!(err.contains("torn"), "{err}");
+    }
+
+    #[test]
+    fn a_hostile_entry_length_costs_one_sector() {
+        // Every sector of a 32 MiB log starts an entry header that claims the whole log. The
+        // scan tries each position; each must be refused without reading 32 MiB (copying the
+        // claimed length first made a 64 MiB log take minutes).
+        let guid = Uuid::from_u128(9);
+        let header = build_entry(guid, 1, 0, 0, 0, &[]);
+        let mut log = vec![0u8; 32 << 20];
+        for at in (0..log.len()).step_by(4096) {
+            log[at..at + 64].copy_from_slice(&header[..64]);
+            log[at + 8..at + 12].copy_from_slice(&(32u32 << 20).to_le_bytes());
+        }
+        let started = std::time::Instant::now();
+        for at in (0..log.len() as u64).step_by(4096) {
+            let err = parse_entry(&log, at, guid).unwrap_err();
+            assert!(err.contains("does not match its 0 descriptors"), "{err}");
+        }
+        assert!(started.elapsed() < std::time::Duration::from_secs(5));
+    }
+
+    #[test]
+    fn a_wrong_checksum_is_still_detected() {
+        let guid = Uuid::from_u128(9);
+        let mut bytes = build_entry(guid, 1, 0, 0, 0, &ops());
+        parse_entry(&bytes, 0, guid).unwrap();
+        bytes[4096 + 100] ^= 1; // inside the data sector's payload
+        assert_eq!(parse_entry(&bytes, 0, guid).unwrap_err(), "bad checksum");
     }
 
     #[test]

@@ -61,8 +61,7 @@ pub fn find_active_sequence(
     storage
         .read_at(&mut log, log_offset)
         .map_err(|e| Error::io("reading the log", e))?;
-    let plan = plan_from_log(&log, log_guid)?;
-    let head_flushed = plan.1;
+    let (plan, head_flushed, origins) = plan_from_log(&log, log_guid)?;
     if file_size < head_flushed {
         return Err(Corruption::LogFileTruncated {
             file_size,
@@ -70,13 +69,22 @@ pub fn find_active_sequence(
         }
         .into());
     }
-    check_targets(&plan.0, log_offset, log_length)?;
-    Ok(plan.0)
+    check_targets(&plan, &origins, log_offset, log_length)?;
+    Ok(plan)
 }
 
-/// The scan of §2.3.3 over an in-memory copy of the log. Returns the plan and the head's
-/// FlushedFileOffset.
-fn plan_from_log(log: &[u8], log_guid: Uuid) -> Result<(ReplayPlan, u64)> {
+/// Where in the log the changes of a plan come from, for error messages.
+#[derive(Debug)]
+struct Origins {
+    /// The log offset of the entry of each op, in order.
+    ops: Vec<u64>,
+    /// The log offset of the head entry.
+    head: u64,
+}
+
+/// The scan of §2.3.3 over an in-memory copy of the log. Returns the plan, the head's
+/// FlushedFileOffset and the entries its changes come from.
+fn plan_from_log(log: &[u8], log_guid: Uuid) -> Result<(ReplayPlan, u64, Origins)> {
     let log_len = log.len() as u64;
     // Each position is parsed at most once, which keeps the scan linear in the log size even
     // for a hostile log.
@@ -94,6 +102,7 @@ fn plan_from_log(log: &[u8], log_guid: Uuid) -> Result<(ReplayPlan, u64)> {
         };
         let mut pos = cur_tail;
         let mut covered = 0u64;
+        let mut wrapped = false;
         while let Some(e) = entry_at(pos) {
             if let Some(prev) = current.entries.last() {
                 if e.sequence_number != prev.sequence_number.wrapping_add(1) {
@@ -103,13 +112,19 @@ fn plan_from_log(log: &[u8], log_guid: Uuid) -> Result<(ReplayPlan, u64)> {
             // Stop before the run would wrap onto its own start.
             covered += e.length;
             if covered > log_len {
+                wrapped = true;
                 break;
             }
             pos = (pos + e.length) % log_len;
             current.entries.push(e);
         }
         let valid = !current.entries.is_empty() && current.is_complete();
-        let next = if valid {
+        // An invalid run needs no rescanning from each of its sectors: a run starting at one of
+        // its later entries ends at the same head, whose Tail is in neither, and a sector inside
+        // a valid entry (a descriptor or data sector, with its own signature) never starts an
+        // entry. Skipping them keeps the scan linear; rescanning made a hostile 64 MiB log cost
+        // seconds. Only a run cut short by the wrap-around check depends on where it started.
+        let next = if valid || (!current.entries.is_empty() && !wrapped) {
             pos
         } else {
             (cur_tail + LOG_SECTOR_SIZE as u64) % log_len
@@ -136,6 +151,13 @@ fn plan_from_log(log: &[u8], log_guid: Uuid) -> Result<(ReplayPlan, u64)> {
         .expect("complete sequence");
     let entries = &seq.entries[start..];
     let ops = entries.iter().flat_map(|e| e.ops.iter().cloned()).collect();
+    let origins = Origins {
+        ops: entries
+            .iter()
+            .flat_map(|e| e.ops.iter().map(|_| e.position))
+            .collect(),
+        head: head.position,
+    };
     let min_file_size = align_up(head.last_file_offset, MIB).unwrap_or(u64::MAX);
     Ok((
         ReplayPlan {
@@ -145,18 +167,24 @@ fn plan_from_log(log: &[u8], log_guid: Uuid) -> Result<(ReplayPlan, u64)> {
             head_sequence: head.sequence_number,
         },
         head.flushed_file_offset,
+        origins,
     ))
 }
 
 /// Replay may touch metadata anywhere after the headers (the region tables are logged), but
 /// never the file identifier, the headers or the log itself.
-fn check_targets(plan: &ReplayPlan, log_offset: u64, log_length: u64) -> Result<()> {
+fn check_targets(
+    plan: &ReplayPlan,
+    origins: &Origins,
+    log_offset: u64,
+    log_length: u64,
+) -> Result<()> {
     let first_allowed = REGION_TABLE_OFFSETS[0];
-    for op in &plan.ops {
+    for (op, &entry) in plan.ops.iter().zip(&origins.ops) {
         let (offset, length) = (op.file_offset(), op.length());
         let bad = |reason: &str| {
             Error::from(Corruption::BadLogEntry {
-                offset: 0,
+                offset: entry,
                 reason: format!("a change at {offset:#x} length {length:#x} {reason}"),
             })
         };
@@ -175,7 +203,7 @@ fn check_targets(plan: &ReplayPlan, log_offset: u64, log_length: u64) -> Result<
     }
     if plan.min_file_size > 2 * MAX_VIRTUAL_DISK_SIZE {
         return Err(Corruption::BadLogEntry {
-            offset: 0,
+            offset: origins.head,
             reason: format!(
                 "LastFileOffset {:#x} is beyond any possible VHDX file",
                 plan.min_file_size
@@ -247,7 +275,7 @@ mod tests {
         let e11 = build_entry(GUID, 11, 8192, 0, 5 * MIB, &[data_op(3 * MIB, 2)]);
         put(&mut log, 0, &e10);
         put(&mut log, 8192, &e11);
-        let (plan, _) = plan_from_log(&log, GUID).unwrap();
+        let (plan, ..) = plan_from_log(&log, GUID).unwrap();
         assert_eq!(plan.ops, vec![data_op(3 * MIB, 2)]);
         assert_eq!(plan.min_file_size, 5 * MIB);
         assert_eq!(plan.head_sequence, 11);
@@ -261,7 +289,7 @@ mod tests {
         let orphan = build_entry(GUID, 9, 32768, 0, 0, &[data_op(2 * MIB, 9)]);
         put(&mut log, 0, &good);
         put(&mut log, 16384, &orphan);
-        let (plan, _) = plan_from_log(&log, GUID).unwrap();
+        let (plan, ..) = plan_from_log(&log, GUID).unwrap();
         assert_eq!(plan.head_sequence, 3);
     }
 
@@ -275,6 +303,46 @@ mod tests {
     }
 
     #[test]
+    fn a_long_incomplete_run_is_scanned_once() {
+        // 16383 one-sector entries in a row whose head's Tail points at sector 0, which holds no
+        // entry: no run is complete. Rescanning the run from each of its sectors walked 134
+        // million entries (7 s in a release build); skipping it walks each once (milliseconds).
+        let mut log = vec![0u8; 64 << 20];
+        let n = log.len() / 4096;
+        for i in 1..n {
+            put(
+                &mut log,
+                i * 4096,
+                &build_entry(GUID, 100 + i as u64, 0, 0, 0, &[]),
+            );
+        }
+        let started = std::time::Instant::now();
+        assert!(matches!(
+            plan_from_log(&log, GUID).unwrap_err().corruption(),
+            Some(Corruption::NoValidLogSequence)
+        ));
+        assert!(started.elapsed() < std::time::Duration::from_secs(3));
+    }
+
+    #[test]
+    fn a_complete_run_right_after_an_incomplete_one_is_found() {
+        // Sector 0 holds nothing; two-sector entries seq 5, 6, 7 follow with Tail 0, so no run
+        // through them is complete; then seq 20 with its Tail on itself. The scan resumes right
+        // after the incomplete run and finds it.
+        let mut log = vec![0u8; 64 * 1024];
+        for (i, seq) in [5u64, 6, 7].into_iter().enumerate() {
+            let e = build_entry(GUID, seq, 0, 0, 0, &[data_op(2 * MIB, seq as u8)]);
+            put(&mut log, 4096 + i * 8192, &e);
+        }
+        let at = 4096 + 3 * 8192;
+        let e = build_entry(GUID, 20, at as u64, 0, 0, &[data_op(2 * MIB, 20)]);
+        put(&mut log, at, &e);
+        let (plan, ..) = plan_from_log(&log, GUID).unwrap();
+        assert_eq!(plan.head_sequence, 20);
+        assert_eq!(plan.ops, vec![data_op(2 * MIB, 20)]);
+    }
+
+    #[test]
     fn targets_in_the_headers_or_the_log_are_refused() {
         let plan = ReplayPlan {
             ops: vec![data_op(64 * 1024, 0)],
@@ -282,11 +350,40 @@ mod tests {
             entries: 1,
             head_sequence: 1,
         };
-        assert!(check_targets(&plan, MIB, MIB).is_err());
+        let origins = Origins {
+            ops: vec![0x2000],
+            head: 0x2000,
+        };
+        assert!(check_targets(&plan, &origins, MIB, MIB).is_err());
         let plan = ReplayPlan {
             ops: vec![data_op(MIB + 4096, 0)],
             ..plan
         };
-        assert!(check_targets(&plan, MIB, MIB).is_err());
+        assert!(check_targets(&plan, &origins, MIB, MIB).is_err());
+    }
+
+    #[test]
+    fn a_refused_change_names_its_entry() {
+        // Entry 1 at 0 is fine; entry 2 at 8K (same sequence, Tail 0) writes over header 1.
+        let mut log = vec![0u8; 64 * 1024];
+        put(
+            &mut log,
+            0,
+            &build_entry(GUID, 1, 0, 0, 0, &[data_op(2 * MIB, 1)]),
+        );
+        let e2 = build_entry(GUID, 2, 0, 0, 0, &[data_op(64 * 1024, 2)]);
+        put(&mut log, 8192, &e2);
+        let (plan, _, origins) = plan_from_log(&log, GUID).unwrap();
+        assert_eq!(origins.ops, vec![0, 8192]);
+        let err = check_targets(&plan, &origins, MIB, MIB).unwrap_err();
+        assert_eq!(
+            err.corruption(),
+            Some(&Corruption::BadLogEntry {
+                offset: 8192,
+                reason: "a change at 0x10000 length 0x1000 would overwrite the file identifier \
+                         or a header"
+                    .into()
+            })
+        );
     }
 }
