@@ -46,6 +46,7 @@ struct JsonReport<'a> {
     total_clusters: u64,
     allocated_clusters: u64,
     leaked_bytes: u64,
+    unused_bytes: u64,
     corruption_details: &'a [String],
     notes: &'a [String],
 }
@@ -144,6 +145,7 @@ pub fn run(args: CheckArgs) -> CliResult<ExitCode> {
                 total_clusters: r.total_blocks,
                 allocated_clusters: r.allocated_blocks,
                 leaked_bytes: r.leaked_bytes(),
+                unused_bytes: r.unused_bytes,
                 corruption_details: &r.corruptions,
                 notes: &r.notes,
             };

@@ -28,8 +28,10 @@ pub struct CheckReport {
     pub filename: PathBuf,
     /// Problems that make data wrong or unreadable.
     pub corruptions: Vec<String>,
-    /// Unused extents `(offset, length)`, 1 MiB-aligned.
+    /// Space past the last structure `(offset, length)`, which `-r leaks` gives back.
     pub leaks: Vec<(u64, u64)>,
+    /// Space between structures that nothing uses (reused by new blocks; not a leak).
+    pub unused_bytes: u64,
     pub corruptions_fixed: usize,
     pub leaks_fixed: usize,
     /// Things worth knowing that are not errors.
@@ -80,8 +82,14 @@ pub fn check(path: &Path, repair: Repair, parent_overrides: &[PathBuf]) -> Check
         report.corruptions_fixed += 1;
         report.notes.push(format!("replayed {entries} log entries"));
     }
-    check_bat(&file, &mut report);
-    find_leaks(&file, &mut report);
+    let file_report = check_file(&file);
+    report.corruptions.extend(file_report.corruptions);
+    report.leaks = file_report.leaks;
+    report.notes.extend(file_report.notes);
+    report.unused_bytes = file_report.unused_bytes;
+    report.image_end_offset = file_report.image_end_offset;
+    report.total_blocks = file_report.total_blocks;
+    report.allocated_blocks = file_report.allocated_blocks;
     if open_writable && !report.leaks.is_empty() {
         truncate_trailing_leak(&file, &mut report);
     }
@@ -105,6 +113,18 @@ pub fn check(path: &Path, repair: Repair, parent_overrides: &[PathBuf]) -> Check
             Err(e) => report.corruptions.push(format!("parent chain: {e}")),
         }
     }
+    report
+}
+
+/// The checks of an open file: BAT entries and space. (Opening already validated every
+/// structure.)
+pub fn check_file(file: &VhdxFile) -> CheckReport {
+    let mut report = CheckReport {
+        filename: file.path().to_path_buf(),
+        ..Default::default()
+    };
+    check_bat(file, &mut report);
+    find_leaks(file, &mut report);
     report
 }
 
@@ -150,52 +170,27 @@ fn check_bat(file: &VhdxFile, report: &mut CheckReport) {
     }
 }
 
-/// Every extent some structure uses, sorted and merged.
-fn used_extents(file: &VhdxFile) -> Vec<(u64, u64)> {
-    let mut used = vec![(0, HEADER_SECTION_SIZE)];
-    let h = &file.headers.current;
-    if h.log_length != 0 {
-        used.push((h.log_offset, h.log_offset + u64::from(h.log_length)));
-    }
-    for r in &file.regions.regions {
-        used.push((r.file_offset, r.file_offset + r.length));
-    }
-    let g = file.geometry();
-    for index in 0..file.bat.len() {
-        let e = file.bat.entry(index);
-        let len = match g.block_of_index(index) {
-            Some(b) if b < g.payload_blocks() => {
-                match PayloadBlockState::from_bits(e.state_bits()) {
-                    Some(s) if s.has_data() => u64::from(g.block_size),
-                    _ => continue,
-                }
-            }
-            None if e.state_bits() == SB_BLOCK_PRESENT => SECTOR_BITMAP_BLOCK_SIZE,
-            _ => continue,
-        };
-        used.push((e.file_offset(), e.file_offset() + len));
-    }
-    used.sort_unstable();
-    let mut merged: Vec<(u64, u64)> = Vec::with_capacity(used.len());
-    for (s, e) in used {
-        match merged.last_mut() {
-            Some(last) if s <= last.1 => last.1 = last.1.max(e),
-            _ => merged.push((s, e)),
-        }
-    }
-    merged
-}
-
+/// Space past the last structure is leaked: `-r leaks` gives it back. Gaps between structures
+/// are not leaks: a writer reuses them for new blocks before it grows the file, so they are
+/// only reported (qemu-img's own files have such a gap between the metadata and the data).
 fn find_leaks(file: &VhdxFile, report: &mut CheckReport) {
-    let used = used_extents(file);
+    let mut used = file.used_extents();
+    used.sort_unstable();
     let file_size = file.storage().len().unwrap_or(0);
-    report.image_end_offset = used.last().map_or(0, |u| u.1);
     let mut pos = 0;
-    for &(s, e) in &used {
-        if s > pos {
-            report.leaks.push((pos, s - pos));
+    let mut gaps = 0;
+    for &(start, len) in &used {
+        if start > pos {
+            gaps += start - pos;
         }
-        pos = pos.max(e);
+        pos = pos.max(start + len);
+    }
+    report.image_end_offset = pos;
+    report.unused_bytes = gaps;
+    if gaps > 0 {
+        report.notes.push(format!(
+            "{gaps} bytes between structures are unused; new blocks will fill them"
+        ));
     }
     // A file ends on a 1 MiB boundary; anything past the last structure is leaked.
     if file_size > pos {
