@@ -17,9 +17,11 @@ use std::collections::BTreeMap;
 
 use super::format::MIB;
 
-/// Grow the file by at least this much at a time, so that first-touch writes do not extend the
-/// file one block at a time.
-pub const GROW_STEP: u64 = 256 * MIB;
+/// The file grows by an eighth of its size at a time, at least `MIN_GROW_STEP` and at most
+/// `MAX_GROW_STEP` (and always by at least the allocation), so that first-touch writes do not
+/// extend the file one block at a time, and a small file does not balloon.
+pub const MIN_GROW_STEP: u64 = 32 * MIB;
+pub const MAX_GROW_STEP: u64 = 256 * MIB;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Allocation {
@@ -88,7 +90,9 @@ impl FreeSpace {
         let offset = self.used_end;
         self.used_end += len;
         let grow = (self.used_end > self.file_end).then(|| {
-            let step = GROW_STEP.max(len).max(self.file_end / 8 / MIB * MIB);
+            let step = (self.file_end / 8 / MIB * MIB)
+                .clamp(MIN_GROW_STEP, MAX_GROW_STEP)
+                .max(len);
             self.file_end = (offset + step).max(self.used_end);
             self.file_end
         });
@@ -178,7 +182,7 @@ mod tests {
             }
         );
         assert_eq!(grow, None);
-        let (a, grow) = s.allocate(32 * MIB);
+        let (a, grow) = s.allocate(8 * MIB);
         assert_eq!(
             a,
             Allocation {
@@ -186,10 +190,10 @@ mod tests {
                 zeroed: true
             }
         );
-        assert_eq!(grow, Some(40 * MIB + GROW_STEP));
+        assert_eq!(grow, Some(40 * MIB + MIN_GROW_STEP));
         // The next block fits in the grown tail without growing again.
-        let (a, grow) = s.allocate(32 * MIB);
-        assert_eq!(a.offset, 72 * MIB);
+        let (a, grow) = s.allocate(8 * MIB);
+        assert_eq!(a.offset, 48 * MIB);
         assert_eq!(grow, None);
     }
 
