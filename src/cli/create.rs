@@ -39,6 +39,35 @@ pub struct CreateArgs {
     pub size: Option<String>,
 }
 
+/// Applies `-o` option lists (as `create` and `convert -O vhdx` take them) to `o`.
+pub fn apply_options(o: &mut CreateOptions, lists: &[String]) -> CliResult<()> {
+    let u32_size = |k: &str, v: &str| -> CliResult<u32> {
+        let n = parse_size(v)?;
+        u32::try_from(n).map_err(|_| format!("{k}={v} is too large").into())
+    };
+    for list in lists {
+        for (k, v) in parse_option_list(list)? {
+            match k.as_str() {
+                "help" | "?" => return Err(OPTION_HELP.into()),
+                "size" => o.virtual_size = Some(parse_size(&v)?),
+                "block_size" => o.block_size = Some(u32_size(&k, &v)?).filter(|&b| b != 0),
+                "log_size" => o.log_size = Some(parse_size(&v)?),
+                "logical_sector_size" => o.logical_sector_size = Some(u32_size(&k, &v)?),
+                "physical_sector_size" => o.physical_sector_size = Some(u32_size(&k, &v)?),
+                "subformat" => {
+                    o.subformat = match v.as_str() {
+                        "dynamic" => Subformat::Dynamic,
+                        "fixed" => Subformat::Fixed,
+                        _ => return Err(format!("subformat={v}: expected dynamic or fixed").into()),
+                    }
+                }
+                _ => return Err(format!("unknown option {k:?} (try -o help)").into()),
+            }
+        }
+    }
+    Ok(())
+}
+
 impl TryFrom<&CreateArgs> for CreateOptions {
     type Error = super::CliError;
 
@@ -52,34 +81,7 @@ impl TryFrom<&CreateArgs> for CreateOptions {
         if let Some(s) = &a.size {
             o.virtual_size = Some(parse_size(s)?);
         }
-        let u32_size = |k: &str, v: &str| -> CliResult<u32> {
-            let n = parse_size(v)?;
-            u32::try_from(n).map_err(|_| format!("{k}={v} is too large").into())
-        };
-        for list in &a.options {
-            for (k, v) in parse_option_list(list)? {
-                match k.as_str() {
-                    "help" | "?" => return Err(OPTION_HELP.into()),
-                    "size" => o.virtual_size = Some(parse_size(&v)?),
-                    "block_size" => o.block_size = Some(u32_size(&k, &v)?).filter(|&b| b != 0),
-                    "log_size" => o.log_size = Some(parse_size(&v)?),
-                    "logical_sector_size" => o.logical_sector_size = Some(u32_size(&k, &v)?),
-                    "physical_sector_size" => o.physical_sector_size = Some(u32_size(&k, &v)?),
-                    "subformat" => {
-                        o.subformat = match v.as_str() {
-                            "dynamic" => Subformat::Dynamic,
-                            "fixed" => Subformat::Fixed,
-                            _ => {
-                                return Err(
-                                    format!("subformat={v}: expected dynamic or fixed").into()
-                                )
-                            }
-                        }
-                    }
-                    _ => return Err(format!("unknown option {k:?} (try -o help)").into()),
-                }
-            }
-        }
+        apply_options(&mut o, &a.options)?;
         if o.virtual_size.is_none() && o.parent.is_none() {
             return Err("a size is needed (or -b PARENT to take the parent's)".into());
         }

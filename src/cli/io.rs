@@ -79,7 +79,9 @@ pub fn parse_command(line: &str) -> Result<IoCommand, String> {
     while i < rest.len() {
         match rest[i] {
             "-P" if name != "discard" && name != "flush" => {
-                let p = rest.get(i + 1).ok_or_else(|| format!("{name}: -P needs a pattern"))?;
+                let p = rest
+                    .get(i + 1)
+                    .ok_or_else(|| format!("{name}: -P needs a pattern"))?;
                 pattern = Some(parse_pattern(p)?);
                 i += 2;
             }
@@ -111,7 +113,11 @@ pub fn parse_command(line: &str) -> Result<IoCommand, String> {
             Ok(IoCommand::Write {
                 offset,
                 len,
-                pattern: if zero { None } else { Some(pattern.unwrap_or(0xcd)) },
+                pattern: if zero {
+                    None
+                } else {
+                    Some(pattern.unwrap_or(0xcd))
+                },
             })
         }
         "read" => {

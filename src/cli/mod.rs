@@ -5,6 +5,7 @@ pub mod check;
 pub mod convert;
 pub mod create;
 pub mod info;
+pub mod io;
 pub mod options;
 
 use std::path::PathBuf;
@@ -35,8 +36,10 @@ pub enum Command {
     Info(info::InfoArgs),
     /// Validate every structure of an image; report corruption and leaked space.
     Check(check::CheckArgs),
-    /// Copy an image (a whole differencing chain) to a raw file, sparse where it reads zeros.
+    /// Copy an image (a whole differencing chain) into a new raw file or VHDX, skipping zeros.
     Convert(convert::ConvertArgs),
+    /// Run qemu-io style commands (write, read, discard, flush) on an image.
+    Io(io::IoArgs),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Default)]
@@ -83,6 +86,7 @@ pub fn run(cli: Cli) -> CliResult<ExitCode> {
         Command::Info(a) => info::run(a),
         Command::Check(a) => check::run(a),
         Command::Convert(a) => convert::run(a),
+        Command::Io(a) => io::run(a),
     }
 }
 
