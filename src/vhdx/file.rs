@@ -448,6 +448,11 @@ fn replay_into_file(storage: &dyn Storage, headers: &mut Headers, plan: &ReplayP
 
 fn overlay(base: Arc<dyn Storage>, size: u64, plan: &ReplayPlan) -> OverlayStorage {
     let mut ov = OverlayStorage::new(base, size);
+    // The extension to LastFileOffset first, as `log::replay::apply` does it last: it only adds
+    // zeros past the end of the file and must not wipe what the log writes there.
+    if plan.min_file_size > size {
+        ov.write_zeros(size, plan.min_file_size - size);
+    }
     for op in &plan.ops {
         match op {
             log::LogOp::Data { file_offset, data } => ov.write_page(*file_offset, data.clone()),
@@ -457,8 +462,34 @@ fn overlay(base: Arc<dyn Storage>, size: u64, plan: &ReplayPlan) -> OverlayStora
             } => ov.write_zeros(*file_offset, *length),
         }
     }
-    if plan.min_file_size > size {
-        ov.write_zeros(size, plan.min_file_size - size);
-    }
     ov
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::vhdx::storage::MemStorage;
+
+    #[test]
+    fn overlay_keeps_pages_the_log_writes_past_the_end_of_the_file() {
+        let base: Arc<dyn Storage> = Arc::new(MemStorage::new(vec![1u8; MIB as usize]));
+        let plan = ReplayPlan {
+            ops: vec![log::LogOp::Data {
+                file_offset: MIB + 8192,
+                data: Box::new([0xab; 4096]),
+            }],
+            min_file_size: 4 * MIB,
+            entries: 1,
+            head_sequence: 1,
+        };
+        let ov = overlay(base, MIB, &plan);
+        assert_eq!(ov.len().unwrap(), 4 * MIB);
+        let mut buf = vec![0xeeu8; 3 * 4096];
+        ov.read_at(&mut buf, MIB + 4096).unwrap();
+        assert!(buf[..4096].iter().all(|&b| b == 0));
+        assert!(buf[4096..8192].iter().all(|&b| b == 0xab));
+        assert!(buf[8192..].iter().all(|&b| b == 0));
+        ov.read_at(&mut buf, MIB - 4096).unwrap();
+        assert!(buf[..4096].iter().all(|&b| b == 1));
+    }
 }

@@ -217,7 +217,6 @@ fn check_targets(
 /// Applies a plan to a writable file: every change, the file extension, then a flush.
 pub fn apply(storage: &dyn Storage, plan: &ReplayPlan) -> Result<()> {
     let io = |e| Error::io("replaying the log", e);
-    let size = storage.len().map_err(io)?;
     let zeros = vec![0u8; MIB as usize];
     for op in &plan.ops {
         match op {
@@ -228,7 +227,9 @@ pub fn apply(storage: &dyn Storage, plan: &ReplayPlan) -> Result<()> {
                 file_offset,
                 length,
             } => {
-                // Bytes past the end of the file already read as zero once it is extended.
+                // Bytes past the end of the file already read as zero once it is extended. The
+                // end as it is now: an earlier change may have written past the original one.
+                let size = storage.len().map_err(io)?;
                 let end = (file_offset + length).min(size.max(*file_offset));
                 let mut at = *file_offset;
                 while at < end {
@@ -253,6 +254,7 @@ pub fn apply(storage: &dyn Storage, plan: &ReplayPlan) -> Result<()> {
 mod tests {
     use super::super::entry::build_entry;
     use super::*;
+    use crate::vhdx::storage::MemStorage;
 
     const GUID: Uuid = Uuid::from_u128(0xabc);
 
@@ -340,6 +342,28 @@ mod tests {
         let (plan, ..) = plan_from_log(&log, GUID).unwrap();
         assert_eq!(plan.head_sequence, 20);
         assert_eq!(plan.ops, vec![data_op(2 * MIB, 20)]);
+    }
+
+    #[test]
+    fn apply_zeroes_what_an_earlier_change_wrote_past_the_end() {
+        let m = MemStorage::new(vec![1u8; MIB as usize]);
+        let plan = ReplayPlan {
+            ops: vec![
+                data_op(MIB, 0xab),
+                LogOp::Zero {
+                    file_offset: MIB,
+                    length: 4096,
+                },
+            ],
+            min_file_size: 2 * MIB,
+            entries: 1,
+            head_sequence: 1,
+        };
+        apply(&m, &plan).unwrap();
+        let data = m.snapshot();
+        assert_eq!(data.len() as u64, 2 * MIB);
+        assert!(data[MIB as usize..].iter().all(|&b| b == 0));
+        assert!(data[..MIB as usize].iter().all(|&b| b == 1));
     }
 
     #[test]
