@@ -13,7 +13,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use vhost_user_vhdx::vhdx::check::{self, Repair};
 use vhost_user_vhdx::vhdx::create::{self, CreateOptions, Subformat};
-use vhost_user_vhdx::vhdx::{Chain, ChainOptions};
+use vhost_user_vhdx::vhdx::{Chain, ChainError, ChainOptions};
 
 const MIB: u64 = 1 << 20;
 
@@ -35,14 +35,23 @@ struct Case {
 }
 
 fn open_rw(path: &Path) -> Chain {
-    Chain::open(
-        path,
-        &ChainOptions {
-            writable: true,
-            ..Default::default()
-        },
-    )
-    .unwrap_or_else(|e| panic!("open {}: {e}", path.display()))
+    let options = ChainOptions {
+        writable: true,
+        ..Default::default()
+    };
+    // Other tests in this process spawn qemu-img and python; a child between fork and exec
+    // still shares our just-closed file (and its OFD lock) for a moment. Wait that out.
+    for _ in 0..100 {
+        match Chain::open(path, &options) {
+            Err(vhost_user_vhdx::vhdx::Error::Chain(ChainError::Open { source, .. }))
+                if matches!(*source, vhost_user_vhdx::vhdx::Error::Locked(_)) =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(20))
+            }
+            other => return other.unwrap_or_else(|e| panic!("open {}: {e}", path.display())),
+        }
+    }
+    panic!("{} stayed locked", path.display())
 }
 
 struct Harness {

@@ -8,7 +8,7 @@
 //! failed convert never leaves a half-written OUT, and an existing OUT is untouched until then.
 
 use std::fs::{File, OpenOptions};
-use std::io::{IsTerminal, Read};
+use std::io::IsTerminal;
 use std::os::fd::AsFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -28,7 +28,7 @@ const ZERO_GRAIN: usize = 64 << 10;
 
 #[derive(clap::Args, Debug)]
 pub struct ConvertArgs {
-    /// Input format: vhdx or raw (default: recognised by its signature).
+    /// Input format: vhdx (default) or raw.
     #[arg(short = 'f', value_name = "FMT")]
     pub format: Option<String>,
     /// Output format: raw (default) or vhdx.
@@ -55,23 +55,11 @@ enum Input {
 }
 
 impl Input {
+    /// A VHDX unless `-f raw` says otherwise: a damaged VHDX must be refused, not copied as
+    /// if it were a raw disk.
     fn open(path: &Path, format: Option<&str>, chain: &ChainArgs) -> CliResult<Input> {
-        let format = match format {
-            Some(f) => f.to_string(),
-            None => {
-                let mut sig = [0u8; 8];
-                let mut f =
-                    File::open(path).map_err(|e| format!("cannot open {}: {e}", path.display()))?;
-                let n = f.read(&mut sig).unwrap_or(0);
-                if n == 8 && &sig == b"vhdxfile" {
-                    "vhdx"
-                } else {
-                    "raw"
-                }
-                .to_string()
-            }
-        };
-        match format.as_str() {
+        let format = format.unwrap_or("vhdx");
+        match format {
             "vhdx" => Ok(Input::Vhdx(Chain::open(path, &chain.options(false))?)),
             "raw" => {
                 let file =
@@ -177,7 +165,11 @@ pub fn run(args: ConvertArgs) -> CliResult<ExitCode> {
     let input = Input::open(&args.input, args.format.as_deref(), &args.chain)?;
     for layer in std::iter::once(args.input.clone()).chain(input.layers()) {
         if same_file(&layer, &args.output) {
-            return Err(format!("output {} is part of the input", args.output.display()).into());
+            return Err(format!(
+                "output {} is part of the input chain",
+                args.output.display()
+            )
+            .into());
         }
     }
     let show = !args.quiet && (args.progress || std::io::stderr().is_terminal());
