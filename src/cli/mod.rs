@@ -7,6 +7,7 @@ pub mod create;
 pub mod info;
 pub mod io;
 pub mod options;
+pub mod serve;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -30,6 +31,8 @@ pub struct Cli {
 
 #[derive(Subcommand, Debug)]
 pub enum Command {
+    /// Serve an image (a whole differencing chain) to a VMM over vhost-user-blk.
+    Serve(serve::ServeArgs),
     /// Create a new VHDX: dynamic, fixed, or differencing over a parent (-b).
     Create(create::CreateArgs),
     /// Show the facts of an image and its parent chain.
@@ -82,6 +85,7 @@ pub fn check_format(format: &Option<String>, allowed: &[&str]) -> CliResult<()> 
 
 pub fn run(cli: Cli) -> CliResult<ExitCode> {
     match cli.command {
+        Command::Serve(a) => serve::run(a),
         Command::Create(a) => create::run(a),
         Command::Info(a) => info::run(a),
         Command::Check(a) => check::run(a),

@@ -1,0 +1,131 @@
+//! `serve [OPTIONS] IMAGE`: the vhost-user-blk backend, with the options of the vhost-user
+//! "backend program conventions" (QEMU docs/interop/vhost-user.rst) and the rust-vmm
+//! vhost-device daemons.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::{ChainArgs, CliResult};
+use crate::backend::{BlockDevice, DeviceOptions, DEFAULT_NUM_QUEUES, DEFAULT_QUEUE_SIZE};
+use crate::daemon::{self, Socket};
+use crate::vhdx::Chain;
+
+#[derive(clap::Args, Debug)]
+pub struct ServeArgs {
+    /// Listen on this unix socket (created; an old socket file is replaced).
+    #[arg(long, value_name = "PATH", required_unless_present_any = ["fd", "print_capabilities"], conflicts_with = "fd")]
+    pub socket_path: Option<PathBuf>,
+    /// Serve on an already-listening unix socket handed over by libvirt or systemd.
+    #[arg(long, value_name = "N")]
+    pub fd: Option<i32>,
+    /// Print the backend's capabilities as JSON (vhost-user backend conventions) and exit.
+    #[arg(long)]
+    pub print_capabilities: bool,
+    /// Serve read-only: writes, discards and write-zeroes fail.
+    #[arg(long)]
+    pub read_only: bool,
+    /// Queues offered to the VMM (at most 64).
+    #[arg(long, default_value_t = DEFAULT_NUM_QUEUES, value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub num_queues: u16,
+    /// Largest queue size accepted (a power of two up to 32768).
+    #[arg(long, default_value_t = DEFAULT_QUEUE_SIZE)]
+    pub queue_size: usize,
+    /// The disk's serial (GET_ID, at most 20 bytes); default: from the VHDX virtual disk id.
+    #[arg(long)]
+    pub serial: Option<String>,
+    /// Start with a write-through cache: every write is flushed before it completes.
+    #[arg(long)]
+    pub writethrough: bool,
+    #[command(flatten)]
+    pub chain: ChainArgs,
+    /// The image (the conventions' `--blk-file` is accepted too).
+    #[arg(required_unless_present_any = ["blk_file", "print_capabilities"])]
+    pub image: Option<PathBuf>,
+    #[arg(long, value_name = "PATH", hide = true, conflicts_with = "image")]
+    pub blk_file: Option<PathBuf>,
+}
+
+const CAPABILITIES: &str = r#"{
+  "type": "block",
+  "features": [
+    "blk-file",
+    "read-only"
+  ]
+}"#;
+
+pub fn run(args: ServeArgs) -> CliResult<ExitCode> {
+    if args.print_capabilities {
+        println!("{CAPABILITIES}");
+        return Ok(ExitCode::SUCCESS);
+    }
+    if !args.queue_size.is_power_of_two() || !(2..=32768).contains(&args.queue_size) {
+        return Err(format!(
+            "--queue-size {} must be a power of two from 2 to 32768",
+            args.queue_size
+        )
+        .into());
+    }
+    let image = args
+        .image
+        .clone()
+        .or(args.blk_file.clone())
+        .ok_or("an image is needed")?;
+    let socket = match (&args.socket_path, args.fd) {
+        (Some(p), _) => Socket::Path(p.clone()),
+        (None, Some(fd)) => Socket::Fd(fd),
+        (None, None) => return Err("--socket-path or --fd is needed".into()),
+    };
+    // The whole chain is opened (and locked) before serving: nothing is opened later, so a
+    // sandbox can be put in place after this point.
+    let chain = Chain::open(&image, &args.chain.options(!args.read_only))?;
+    let serial = args.serial.clone().unwrap_or_else(|| {
+        chain
+            .leaf()
+            .metadata
+            .virtual_disk_id
+            .simple()
+            .to_string()
+            .chars()
+            .take(20)
+            .collect()
+    });
+    let chain = Arc::new(chain);
+    let device = Arc::new(BlockDevice::new(
+        Arc::clone(&chain),
+        DeviceOptions {
+            read_only: args.read_only,
+            num_queues: usize::from(args.num_queues),
+            queue_size: args.queue_size,
+            serial,
+            writethrough: args.writethrough,
+        },
+    ));
+    log::info!(
+        "serving {} ({} bytes, {} queues{})",
+        image.display(),
+        chain.virtual_size(),
+        args.num_queues,
+        if args.read_only { ", read-only" } else { "" }
+    );
+    let served = daemon::serve(device, socket);
+    // Queue threads drop their references as they exit; wait for them, then close cleanly.
+    let mut chain = chain;
+    for _ in 0..500 {
+        match Arc::try_unwrap(chain) {
+            Ok(c) => {
+                c.close()?;
+                served?;
+                return Ok(ExitCode::SUCCESS);
+            }
+            Err(still_shared) => {
+                chain = still_shared;
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+    }
+    chain.flush()?;
+    served?;
+    Err("queue threads did not stop; the image was flushed but not closed cleanly".into())
+}

@@ -1,0 +1,218 @@
+//! Moving request data between the image file and guest memory without a bounce buffer:
+//! [`ReadTarget`] and [`WriteSource`] over guest memory segments, with `preadv`/`pwritev`
+//! straight into / out of the mapped guest pages. This is the one place where guest memory
+//! becomes host slices, and so where the data path's `unsafe` lives.
+
+use std::io::{self, IoSlice, IoSliceMut};
+use std::os::fd::AsFd;
+
+use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryMmap, Permissions, VolatileSlice};
+
+use crate::vhdx::{ReadTarget, Storage, WriteSource};
+use crate::virtio_blk::Segment;
+
+/// The kernel takes at most this many iovecs per call.
+const IOV_MAX: usize = 1024;
+
+/// Request data in guest memory: `segments` back to back make up `len` bytes.
+pub struct GuestBuffers<'a> {
+    mem: &'a GuestMemoryMmap,
+    segments: &'a [Segment],
+    len: usize,
+}
+
+impl<'a> GuestBuffers<'a> {
+    /// Checks that every segment lies in guest memory; `Err` names the first that does not.
+    pub fn new(mem: &'a GuestMemoryMmap, segments: &'a [Segment]) -> Result<Self, String> {
+        let mut len = 0u64;
+        for s in segments {
+            if !mem.check_range(s.addr, s.len as usize, Permissions::ReadWrite) {
+                return Err(format!(
+                    "data buffer {:#x}+{:#x} is not in guest memory",
+                    s.addr.0, s.len
+                ));
+            }
+            len += s.len;
+        }
+        let len = usize::try_from(len).map_err(|_| "data buffers too large".to_string())?;
+        Ok(GuestBuffers { mem, segments, len })
+    }
+
+    /// The guest memory of bytes `[at, at + len)`, region by region.
+    fn slices(&self, mut at: usize, mut len: usize) -> Vec<VolatileSlice<'a, ()>> {
+        let mut out = Vec::new();
+        for s in self.segments {
+            if len == 0 {
+                break;
+            }
+            let slen = s.len as usize;
+            if at >= slen {
+                at -= slen;
+                continue;
+            }
+            let n = (slen - at).min(len);
+            let addr = GuestAddress(s.addr.0 + at as u64);
+            // Checked in new(): the whole segment is mapped.
+            let slices = self
+                .mem
+                .get_slices(addr, n, Permissions::ReadWrite)
+                .expect("checked guest range");
+            for slice in slices {
+                out.push(slice.expect("checked guest range"));
+            }
+            len -= n;
+            at = 0;
+        }
+        out
+    }
+}
+
+fn pread_all(file: &std::fs::File, iovs: &mut [IoSliceMut<'_>], mut offset: u64) -> io::Result<()> {
+    let mut iovs = iovs;
+    while !iovs.is_empty() {
+        let n =
+            nix::sys::uio::preadv(file.as_fd(), iovs, offset as i64).map_err(io::Error::from)?;
+        if n == 0 {
+            // Past the end of the file: the rest reads as zeros.
+            for iov in iovs.iter_mut() {
+                iov.fill(0);
+            }
+            return Ok(());
+        }
+        offset += n as u64;
+        IoSliceMut::advance_slices(&mut iovs, n);
+    }
+    Ok(())
+}
+
+fn pwrite_all(file: &std::fs::File, iovs: &mut [IoSlice<'_>], mut offset: u64) -> io::Result<()> {
+    let mut iovs = iovs;
+    while !iovs.is_empty() {
+        let n =
+            nix::sys::uio::pwritev(file.as_fd(), iovs, offset as i64).map_err(io::Error::from)?;
+        if n == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::WriteZero,
+                "pwritev wrote nothing",
+            ));
+        }
+        offset += n as u64;
+        IoSlice::advance_slices(&mut iovs, n);
+    }
+    Ok(())
+}
+
+impl ReadTarget for GuestBuffers<'_> {
+    fn len(&self) -> usize {
+        self.len
+    }
+
+    fn read_from(
+        &mut self,
+        at: usize,
+        len: usize,
+        storage: &dyn Storage,
+        file_offset: u64,
+    ) -> io::Result<()> {
+        let slices = self.slices(at, len);
+        let Some(file) = storage.as_file() else {
+            // A layer over the file (replayed log, tests): copy through a buffer.
+            let mut buf = vec![0u8; len];
+            storage.read_at(&mut buf, file_offset)?;
+            let mut done = 0;
+            for s in &slices {
+                s.copy_from(&buf[done..done + s.len()]);
+                done += s.len();
+            }
+            return Ok(());
+        };
+        let guards: Vec<_> = slices.iter().map(|s| s.ptr_guard_mut()).collect();
+        let mut iovs: Vec<IoSliceMut<'_>> = guards
+            .iter()
+            .zip(&slices)
+            .map(|(g, s)| {
+                // SAFETY: the slice is a checked range of guest memory that stays mapped while
+                // the request holds the memory guard; the guest may access it concurrently,
+                // which is the nature of shared guest memory and harmless for the kernel copy.
+                IoSliceMut::new(unsafe { std::slice::from_raw_parts_mut(g.as_ptr(), s.len()) })
+            })
+            .collect();
+        let mut offset = file_offset;
+        for chunk in iovs.chunks_mut(IOV_MAX) {
+            let n: usize = chunk.iter().map(|c| c.len()).sum();
+            pread_all(file, chunk, offset)?;
+            offset += n as u64;
+        }
+        Ok(())
+    }
+
+    fn fill_zero(&mut self, at: usize, len: usize) {
+        const ZEROS: [u8; 4096] = [0; 4096];
+        for s in self.slices(at, len) {
+            let mut done = 0;
+            while done < s.len() {
+                let n = (s.len() - done).min(ZEROS.len());
+                // In range by construction.
+                let _ = s.write_slice(&ZEROS[..n], done);
+                done += n;
+            }
+        }
+    }
+}
+
+impl WriteSource for GuestBuffers<'_> {
+    fn len(&self) -> usize {
+        self.len
+    }
+
+    fn write_to(
+        &self,
+        at: usize,
+        len: usize,
+        storage: &dyn Storage,
+        file_offset: u64,
+    ) -> io::Result<()> {
+        let slices = self.slices(at, len);
+        let Some(file) = storage.as_file() else {
+            let mut buf = vec![0u8; len];
+            let mut done = 0;
+            for s in &slices {
+                s.copy_to(&mut buf[done..done + s.len()]);
+                done += s.len();
+            }
+            return storage.write_at(&buf, file_offset);
+        };
+        let guards: Vec<_> = slices.iter().map(|s| s.ptr_guard()).collect();
+        let mut iovs: Vec<IoSlice<'_>> = guards
+            .iter()
+            .zip(&slices)
+            .map(|(g, s)| {
+                // SAFETY: as in read_from; the kernel only reads these bytes.
+                IoSlice::new(unsafe { std::slice::from_raw_parts(g.as_ptr(), s.len()) })
+            })
+            .collect();
+        let mut offset = file_offset;
+        for chunk in iovs.chunks_mut(IOV_MAX) {
+            let n: usize = chunk.iter().map(|c| c.len()).sum();
+            pwrite_all(file, chunk, offset)?;
+            offset += n as u64;
+        }
+        Ok(())
+    }
+}
+
+/// Writes `bytes` into guest memory at the given segments (GET_ID), as much as fits.
+pub fn write_to_segments(mem: &GuestMemoryMmap, segments: &[Segment], bytes: &[u8]) -> usize {
+    let mut done = 0;
+    for s in segments {
+        if done == bytes.len() {
+            break;
+        }
+        let n = (s.len as usize).min(bytes.len() - done);
+        if mem.write_slice(&bytes[done..done + n], s.addr).is_err() {
+            break;
+        }
+        done += n;
+    }
+    done
+}
