@@ -37,8 +37,14 @@ fn main() {
     }
     let image = image.expect("IMAGE");
     let step = if step == 0 { bufsize } else { step };
-    let chain = Chain::open(&image, &ChainOptions { writable: write, ..Default::default() })
-        .unwrap_or_else(|e| panic!("{e}"));
+    let chain = Chain::open(
+        &image,
+        &ChainOptions {
+            writable: write,
+            ..Default::default()
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
     let disk = chain.virtual_size();
     println!(
         "Sending {count} {} requests, {bufsize} bytes each, {depth} in parallel (starting at offset {offset}, step size {step})",
@@ -68,6 +74,9 @@ fn main() {
             });
         }
     });
-    println!("Run completed in {:.3} seconds.", started.elapsed().as_secs_f64());
+    println!(
+        "Run completed in {:.3} seconds.",
+        started.elapsed().as_secs_f64()
+    );
     chain.close().unwrap();
 }

@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# The Cloud Hypervisor side of a vhost-user-vhdx disk (start the backend first):
+#   vhost-user-vhdx serve --socket-path /tmp/vhdx.sock --num-queues 4 disk.vhdx &
+# Cloud Hypervisor refuses to start when its num_queues exceeds what the backend offers; the
+# backend offers 16 by default (--num-queues, up to 64). Guest memory must be shared.
+exec cloud-hypervisor \
+    --memory size=2G,shared=on \
+    --cpus boot=4 \
+    --disk vhost_user=true,socket=/tmp/vhdx.sock,num_queues=4,queue_size=256 \
+    "$@"

@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# The QEMU side of a vhost-user-vhdx disk (start the backend first):
+#   vhost-user-vhdx serve --socket-path /tmp/vhdx.sock --num-queues 4 disk.vhdx &
+# Guest RAM must be shared memory (memory-backend-memfd,share=on) so the backend can map it.
+exec qemu-system-x86_64 \
+    -machine q35,accel=kvm:tcg,memory-backend=mem -m 2G -smp 4 \
+    -object memory-backend-memfd,id=mem,size=2G,share=on \
+    -chardev socket,id=vhdx0,path=/tmp/vhdx.sock \
+    -device vhost-user-blk-pci,chardev=vhdx0,num-queues=4 \
+    "$@"
