@@ -52,6 +52,8 @@ struct State {
     durable: u64,
     /// Highest generation somebody waits for.
     requested: u64,
+    /// A commit (the worker's, or a flusher's data-only one) is running.
+    committing: bool,
     poisoned: Option<String>,
     shutdown: bool,
 }
@@ -102,6 +104,7 @@ impl Wal {
                 started: 0,
                 durable: 0,
                 requested: 0,
+                committing: false,
                 poisoned: None,
                 shutdown: false,
             }),
@@ -161,6 +164,33 @@ impl Wal {
     /// callers share one commit.
     pub fn flush(&self) -> io::Result<()> {
         let mut st = lock(&self.shared);
+        if let Some(p) = &st.poisoned {
+            return Err(poison_error(p));
+        }
+        // Nothing to log and nothing in progress: the commit is a bare fdatasync, which the
+        // caller does itself rather than pay two thread switches for it. It is a generation
+        // like any other, so concurrent flushes still coalesce on it.
+        if st.dirty.is_empty() && !st.committing && st.requested <= st.durable {
+            let generation = st.started + 1;
+            st.started = generation;
+            st.committing = true;
+            drop(st);
+            let result = self.shared.storage.flush();
+            let mut st = lock(&self.shared);
+            st.committing = false;
+            match &result {
+                Ok(()) => st.durable = st.durable.max(generation),
+                Err(e) => {
+                    st.poisoned.get_or_insert(e.to_string());
+                }
+            }
+            self.shared.changed.notify_all();
+            drop(st);
+            if result.is_ok() {
+                (self.shared.on_durable)(generation);
+            }
+            return result;
+        }
         let target = st.started + 1;
         st.requested = st.requested.max(target);
         let _ = self.shared.kick.write(1);
@@ -259,14 +289,22 @@ fn run(shared: &Shared, mut cursor: Cursor) {
             }
             continue;
         }
+        // A flusher's data-only commit runs without the worker: let it finish first.
+        while st.committing {
+            st = shared.changed.wait(st).unwrap_or_else(|e| e.into_inner());
+        }
         let generation = st.started + 1;
         st.started = generation;
+        st.committing = true;
         let dirty: Vec<u64> = std::mem::take(&mut st.dirty).into_iter().collect();
         drop(st);
-        match commit(shared, &mut cursor, &dirty) {
+        let result = commit(shared, &mut cursor, &dirty);
+        lock(shared).committing = false;
+        shared.changed.notify_all();
+        match result {
             Ok(()) => {
                 let mut st = lock(shared);
-                st.durable = generation;
+                st.durable = st.durable.max(generation);
                 shared.changed.notify_all();
                 drop(st);
                 (shared.on_durable)(generation);
