@@ -43,7 +43,8 @@ fn run(differencing: bool) {
         let base = dir.path().join("base.vhdx");
         create::create(&base, &opts).unwrap();
         let c = open_rw(&base);
-        c.write_at(&vec![0xbb; (BLOCKS * BLOCK) as usize], 0).unwrap();
+        c.write_at(&vec![0xbb; (BLOCKS * BLOCK) as usize], 0)
+            .unwrap();
         c.close().unwrap();
         create::create(
             &leaf,
@@ -63,7 +64,15 @@ fn run(differencing: bool) {
     let mut order: Vec<u64> = (0..sectors).collect();
     order.shuffle(&mut StdRng::seed_from_u64(7));
     let per_thread: Vec<Vec<u64>> = (0..THREADS)
-        .map(|t| order.iter().copied().skip(t).step_by(THREADS).take(2000).collect())
+        .map(|t| {
+            order
+                .iter()
+                .copied()
+                .skip(t)
+                .step_by(THREADS)
+                .take(2000)
+                .collect()
+        })
         .collect();
     let barrier = Arc::new(Barrier::new(THREADS));
     std::thread::scope(|s| {
@@ -118,7 +127,9 @@ fn run(differencing: bool) {
         .map(|(_, n)| n)
         .sum();
     assert!(allocated <= BLOCKS, "{states:?}");
-    assert!(!states.iter().any(|(s, _)| *s == PayloadBlockState::NotPresent && !differencing));
+    assert!(!states
+        .iter()
+        .any(|(s, _)| *s == PayloadBlockState::NotPresent && !differencing));
     check_content(&chain);
     let report = check::check_file(chain.leaf());
     assert!(report.corruptions.is_empty(), "{:?}", report.corruptions);
