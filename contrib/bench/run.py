@@ -1,0 +1,195 @@
+#!/usr/bin/env python3
+"""Backend benchmark: vhost-user-vhdx against qemu-storage-daemon, in one run.
+
+    contrib/bench/run.py [--seconds 5] [--rounds 2] [--size 2G] [--out DIR]
+
+Builds the images (a dynamic VHDX with 32 MiB blocks fully written once, an empty one for
+first-touch writes, a raw file with the same content), then drives every backend with the same
+client -- examples/blk_bench.rs on the blkio crate, a real vhost-user-blk client, no VM -- one
+after another and interleaved (A B C A B C ...) so that drift cancels:
+
+    ours      vhost-user-vhdx serve on the VHDX
+    qsd-vhdx  qemu-storage-daemon vhost-user-blk export, driver=vhdx, on the same VHDX
+    qsd-raw   qemu-storage-daemon on the raw file
+    fio-raw   fio on the host against the raw file, psync on one thread per core (the
+              ceiling: the host's own page-cache I/O, no vhost-user at all)
+
+All use the host page cache (no O_DIRECT). Prints a table (IOPS or MB/s, p50/p99 latency,
+backend CPU seconds per GiB moved, our ratio to each anchor) and writes results.json and
+results.csv beside it. Figures only: this is not a test.
+"""
+import argparse, json, os, signal, statistics, subprocess, sys, tempfile, time
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+BIN = os.path.join(REPO, "target/release/vhost-user-vhdx")
+BENCH = os.path.join(REPO, "target/release/examples/blk_bench")
+TICK = os.sysconf("SC_CLK_TCK")
+
+# name, client args, image kind ("full" or "empty"), fio args
+JOBS = [
+    ("4k-randread-qd32", ["--job", "randread", "--bs", "4k", "--qd", "32"], "full",
+     ["--rw=randread", "--bs=4k"]),
+    ("4k-randwrite-qd32", ["--job", "randwrite", "--bs", "4k", "--qd", "32"], "full",
+     ["--rw=randwrite", "--bs=4k"]),
+    ("4k-firsttouch-qd32-flush64", ["--job", "randwrite", "--bs", "4k", "--qd", "32",
+                                    "--flush-every", "64"], "empty",
+     ["--rw=randwrite", "--bs=4k", "--fsync=64"]),
+    ("1m-seqread-qd8", ["--job", "read", "--bs", "1M", "--qd", "8"], "full",
+     ["--rw=read", "--bs=1M"]),
+    ("1m-seqwrite-qd8", ["--job", "write", "--bs", "1M", "--qd", "8"], "full",
+     ["--rw=write", "--bs=1M"]),
+    ("4k-randread-qd32-1q", ["--job", "randread", "--bs", "4k", "--qd", "32", "--queues", "1"],
+     "full", ["--rw=randread", "--bs=4k"]),
+    ("4k-randread-qd32-2q", ["--job", "randread", "--bs", "4k", "--qd", "32", "--queues", "2"],
+     "full", ["--rw=randread", "--bs=4k"]),
+]
+BACKENDS = ["ours", "qsd-vhdx", "qsd-raw", "fio-raw"]
+
+
+def run(cmd, **kw):
+    return subprocess.run(cmd, check=True, **kw)
+
+
+def cpu_seconds(pid):
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICK
+
+
+def start_backend(kind, image, sock, queues):
+    if os.path.exists(sock):
+        os.unlink(sock)
+    if kind == "ours":
+        cmd = [BIN, "serve", "--socket-path", sock, "--num-queues", str(queues), image]
+    else:
+        fmt = "vhdx" if kind == "qsd-vhdx" else "raw"
+        cmd = ["qemu-storage-daemon",
+               "--blockdev", f"driver=file,node-name=file,filename={image}",
+               "--blockdev", f"driver={fmt},node-name=disk,file=file",
+               "--export", f"type=vhost-user-blk,id=exp,node-name=disk,addr.type=unix,"
+                           f"addr.path={sock},writable=on,num-queues={queues}"]
+    p = subprocess.Popen(cmd, stderr=subprocess.DEVNULL)
+    for _ in range(200):
+        if os.path.exists(sock):
+            return p
+        time.sleep(0.02)
+    p.kill()
+    raise SystemExit(f"{kind} did not create {sock}")
+
+
+def stop_backend(p):
+    p.send_signal(signal.SIGTERM)
+    try:
+        p.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        p.wait()
+
+
+def fio(image, fio_args, seconds, size):
+    out = subprocess.run(
+        # Synchronous page-cache I/O on one thread per core: what the host itself does with
+        # the raw file (buffered io_uring punts to worker threads and measures far less).
+        ["fio", "--name=j", f"--filename={image}", "--ioengine=psync", "--direct=0",
+         f"--numjobs={os.cpu_count()}",
+         f"--size={size}", f"--runtime={seconds}", "--time_based", "--group_reporting",
+         "--output-format=json"] + fio_args, check=True, capture_output=True, text=True).stdout
+    job = json.loads(out[out.index("{"):])["jobs"][0]
+    side = job["read"] if job["read"]["io_bytes"] else job["write"]
+    pct = side.get("clat_ns", {}).get("percentile", {})
+    return {"iops": side["iops"], "mbps": side["bw_bytes"] / 1e6,
+            "p50_us": pct.get("50.000000", 0) / 1000, "p99_us": pct.get("99.000000", 0) / 1000,
+            "bytes": side["io_bytes"], "cpu_s": 0.0}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--seconds", type=float, default=5)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--size", default="2G")
+    ap.add_argument("--out", default=os.path.join(REPO, "target/bench"))
+    a = ap.parse_args()
+    run(["cargo", "build", "--release", "--quiet", "--example", "blk_bench"], cwd=REPO)
+    run(["cargo", "build", "--release", "--quiet"], cwd=REPO)
+    os.makedirs(a.out, exist_ok=True)
+    work = tempfile.mkdtemp(prefix="vhdx-bench-")
+    raw = os.path.join(work, "full.raw")
+    full = os.path.join(work, "full.vhdx")
+    print(f"building {a.size} images in {work} ...", file=sys.stderr)
+    run(["fio", "--name=fill", f"--filename={raw}", f"--size={a.size}", "--rw=write",
+         "--bs=1M", "--ioengine=psync", "--refill_buffers", "--output=/dev/null"])
+    run([BIN, "convert", "-q", "-f", "raw", "-O", "vhdx", "-o", "block_size=32M", raw, full])
+    results = {}  # (job, backend) -> list of runs
+    sock = os.path.join(work, "vhost.sock")
+    for rnd in range(a.rounds):
+        for name, client, kind, fio_args in JOBS:
+            queues = int(client[client.index("--queues") + 1]) if "--queues" in client else 1
+            for backend in BACKENDS:
+                if kind == "empty":
+                    image = os.path.join(work, f"empty-{backend}")
+                    if os.path.exists(image):
+                        os.unlink(image)
+                    if backend in ("ours", "qsd-vhdx"):
+                        image += ".vhdx"
+                        if os.path.exists(image):
+                            os.unlink(image)
+                        run([BIN, "create", "-q", "-o", "block_size=32M", image, "1T"])
+                    else:
+                        with open(image, "wb") as f:
+                            f.truncate(1 << 40)
+                else:
+                    image = full if backend in ("ours", "qsd-vhdx") else raw
+                region = ["--region", "1T" if kind == "empty" else a.size]
+                if backend == "fio-raw":
+                    r = fio(image, fio_args, a.seconds, "1T" if kind == "empty" else a.size)
+                else:
+                    p = start_backend(backend, image, sock, max(queues, 2))
+                    c0 = cpu_seconds(p.pid)
+                    out = subprocess.run([BENCH, "--socket", sock, "--seconds", str(a.seconds)]
+                                         + region + client, check=True, capture_output=True,
+                                         text=True).stdout
+                    c1 = cpu_seconds(p.pid)
+                    stop_backend(p)
+                    r = json.loads(out)
+                    r["cpu_s"] = c1 - c0
+                r["cpu_s_per_gib"] = r["cpu_s"] / max(r["bytes"] / (1 << 30), 1e-9)
+                results.setdefault((name, backend), []).append(r)
+                print(f"round {rnd + 1} {name:28} {backend:9} {r['iops']:10.0f} IOPS "
+                      f"{r['mbps']:8.1f} MB/s", file=sys.stderr)
+                if kind == "empty" and os.path.exists(image):
+                    os.unlink(image)
+
+    def med(name, backend, key):
+        return statistics.median(r[key] for r in results[(name, backend)])
+
+    rows = []
+    header = f"{'job':28} {'backend':9} {'IOPS':>10} {'MB/s':>9} {'p50 us':>8} {'p99 us':>8} {'CPU s/GiB':>10}"
+    print(header)
+    for name, *_ in JOBS:
+        for backend in BACKENDS:
+            row = {"job": name, "backend": backend}
+            for key in ("iops", "mbps", "p50_us", "p99_us", "cpu_s_per_gib"):
+                row[key] = med(name, backend, key)
+            rows.append(row)
+            print(f"{name:28} {backend:9} {row['iops']:10.0f} {row['mbps']:9.1f} "
+                  f"{row['p50_us']:8.0f} {row['p99_us']:8.0f} {row['cpu_s_per_gib']:10.3f}")
+        ours = med(name, "ours", "iops")
+        ratios = "  ".join(f"ours/{b} = {ours / max(med(name, b, 'iops'), 1e-9):.2f}x"
+                           for b in BACKENDS[1:])
+        print(f"{'':28} {ratios}")
+    machine = f"{os.cpu_count()} cores, {os.uname().release}, " + subprocess.run(
+        ["qemu-storage-daemon", "--version"], capture_output=True, text=True).stdout.splitlines()[0]
+    print(f"({a.rounds} rounds x {a.seconds} s per job; {machine}; medians)")
+    with open(os.path.join(a.out, "results.json"), "w") as f:
+        json.dump({"machine": machine, "rounds": a.rounds, "seconds": a.seconds,
+                   "size": a.size, "rows": rows}, f, indent=1)
+    with open(os.path.join(a.out, "results.csv"), "w") as f:
+        f.write("job,backend,iops,mbps,p50_us,p99_us,cpu_s_per_gib\n")
+        for r in rows:
+            f.write(",".join(str(r[k]) for k in ("job", "backend", "iops", "mbps", "p50_us",
+                                                  "p99_us", "cpu_s_per_gib")) + "\n")
+    subprocess.run(["rm", "-rf", work])
+
+
+if __name__ == "__main__":
+    main()

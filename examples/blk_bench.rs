@@ -1,0 +1,199 @@
+//! A vhost-user-blk load generator on the `blkio` crate (a real vhost-user client, no VM), so
+//! that a benchmark measures nothing but the backend. Used by contrib/bench/run.sh.
+//!
+//!   blk_bench --socket SOCK --job randread|randwrite|read|write [--bs 4k] [--qd 32]
+//!             [--queues 1] [--seconds 5] [--region BYTES] [--offset BYTES]
+//!             [--flush-every N]
+//!
+//! Prints one JSON object: iops, MB/s, p50/p99 latency in microseconds, bytes moved.
+
+use std::mem::MaybeUninit;
+use std::time::{Duration, Instant};
+
+use blkio::{Blkio, ReqFlags};
+
+struct Args {
+    socket: String,
+    job: String,
+    bs: u64,
+    qd: usize,
+    queues: usize,
+    seconds: f64,
+    region: u64,
+    offset: u64,
+    flush_every: u64,
+}
+
+fn size(s: &str) -> u64 {
+    vhost_user_vhdx::cli::options::parse_size(s).unwrap_or_else(|e| panic!("{e}"))
+}
+
+fn args() -> Args {
+    let mut a = Args {
+        socket: String::new(),
+        job: "randread".into(),
+        bs: 4096,
+        qd: 32,
+        queues: 1,
+        seconds: 5.0,
+        region: 0,
+        offset: 0,
+        flush_every: 0,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(k) = it.next() {
+        let v = it.next().unwrap_or_else(|| panic!("{k} needs a value"));
+        match k.as_str() {
+            "--socket" => a.socket = v,
+            "--job" => a.job = v,
+            "--bs" => a.bs = size(&v),
+            "--qd" => a.qd = v.parse().unwrap(),
+            "--queues" => a.queues = v.parse().unwrap(),
+            "--seconds" => a.seconds = v.parse().unwrap(),
+            "--region" => a.region = size(&v),
+            "--offset" => a.offset = size(&v),
+            "--flush-every" => a.flush_every = v.parse().unwrap(),
+            other => panic!("unknown option {other}"),
+        }
+    }
+    a
+}
+
+struct QueueResult {
+    ops: u64,
+    latencies_us: Vec<u32>,
+}
+
+fn main() {
+    let a = args();
+    let mut b = Blkio::new("virtio-blk-vhost-user").expect("blkio driver");
+    b.set_str("path", &a.socket).expect("path");
+    b.connect().expect("connect");
+    b.set_i32("num-queues", a.queues as i32).expect("num-queues");
+    let outcome = b.start().expect("start");
+    let capacity = b.get_u64("capacity").expect("capacity");
+    let region = if a.region == 0 { capacity - a.offset } else { a.region };
+    let per_queue = a.qd * a.bs as usize;
+    let mem = b
+        .alloc_mem_region(per_queue * a.queues)
+        .expect("alloc_mem_region");
+    b.map_mem_region(&mem).expect("map_mem_region");
+    // SAFETY: the region was allocated by blkio for `per_queue * queues` bytes and stays mapped
+    // until the end of main; each queue's thread uses its own disjoint slice of it.
+    let base = mem.addr as *mut u8;
+    for i in 0..per_queue * a.queues {
+        // SAFETY: inside the region (see above).
+        unsafe { *base.add(i) = (i % 251) as u8 };
+    }
+    let deadline = Duration::from_secs_f64(a.seconds);
+    let random = a.job.starts_with("rand");
+    let write = a.job.ends_with("write");
+    let blocks = region / a.bs;
+    let started = Instant::now();
+    let results: Vec<QueueResult> = std::thread::scope(|s| {
+        let handles: Vec<_> = outcome
+            .queues
+            .into_iter()
+            .enumerate()
+            .map(|(qi, mut q)| {
+                let bufs = base as usize + qi * per_queue;
+                let a = &a;
+                s.spawn(move || {
+                    let mut rng = 0x9E37_79B9_7F4A_7C15u64 ^ (qi as u64 + 1);
+                    let mut next_seq = (qi as u64 * blocks / a.queues as u64) % blocks.max(1);
+                    let mut pick = || {
+                        if random {
+                            rng ^= rng << 13;
+                            rng ^= rng >> 7;
+                            rng ^= rng << 17;
+                            a.offset + (rng % blocks) * a.bs
+                        } else {
+                            let o = a.offset + next_seq * a.bs;
+                            next_seq = (next_seq + 1) % blocks;
+                            o
+                        }
+                    };
+                    let mut submitted_at = vec![Instant::now(); a.qd];
+                    let submit = |q: &mut blkio::Blkioq, slot: usize, off: u64| {
+                        let buf = (bufs + slot * a.bs as usize) as *mut u8;
+                        if write {
+                            q.write(off, buf, a.bs as usize, slot, ReqFlags::empty());
+                        } else {
+                            q.read(off, buf, a.bs as usize, slot, ReqFlags::empty());
+                        }
+                    };
+                    for (slot, at) in submitted_at.iter_mut().enumerate() {
+                        *at = Instant::now();
+                        submit(&mut q, slot, pick());
+                    }
+                    let mut res = QueueResult {
+                        ops: 0,
+                        latencies_us: Vec::with_capacity(1 << 20),
+                    };
+                    let mut completions: Vec<MaybeUninit<blkio::Completion>> =
+                        (0..a.qd + 1).map(|_| MaybeUninit::uninit()).collect();
+                    let mut since_flush = 0u64;
+                    loop {
+                        let n = q.do_io(&mut completions, 1, None, None).expect("do_io");
+                        let now = Instant::now();
+                        let done = now.duration_since(started) >= deadline;
+                        for c in &completions[..n] {
+                            // SAFETY: do_io initialised the first `n` completions.
+                            let c = unsafe { c.assume_init_read() };
+                            assert!(c.ret == 0, "request failed: {}", c.ret);
+                            if c.user_data == usize::MAX {
+                                continue; // a flush
+                            }
+                            let slot = c.user_data;
+                            res.latencies_us
+                                .push(now.duration_since(submitted_at[slot]).as_micros() as u32);
+                            res.ops += 1;
+                            if !done {
+                                since_flush += 1;
+                                if a.flush_every > 0 && since_flush >= a.flush_every {
+                                    since_flush = 0;
+                                    q.flush(usize::MAX, ReqFlags::empty());
+                                }
+                                submitted_at[slot] = Instant::now();
+                                submit(&mut q, slot, pick());
+                            }
+                        }
+                        if done {
+                            // Drain what is still in flight, uncounted.
+                            let mut left = a.qd;
+                            while left > 0 {
+                                let n = q
+                                    .do_io(&mut completions, 0, Some(&mut Duration::from_millis(200)), None)
+                                    .unwrap_or(0);
+                                if n == 0 {
+                                    break;
+                                }
+                                left = left.saturating_sub(n);
+                            }
+                            break;
+                        }
+                    }
+                    res
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let secs = started.elapsed().as_secs_f64();
+    let ops: u64 = results.iter().map(|r| r.ops).sum();
+    let mut lat: Vec<u32> = results.into_iter().flat_map(|r| r.latencies_us).collect();
+    lat.sort_unstable();
+    let pct = |p: f64| lat.get(((lat.len() as f64 * p) as usize).min(lat.len().saturating_sub(1))).copied().unwrap_or(0);
+    let bytes = ops * a.bs;
+    println!(
+        "{{\"job\":\"{}\",\"bs\":{},\"qd\":{},\"queues\":{},\"seconds\":{secs:.3},\"ops\":{ops},\"iops\":{:.0},\"mbps\":{:.1},\"p50_us\":{},\"p99_us\":{},\"bytes\":{bytes}}}",
+        a.job,
+        a.bs,
+        a.qd,
+        a.queues,
+        ops as f64 / secs,
+        bytes as f64 / secs / 1e6,
+        pct(0.50),
+        pct(0.99)
+    );
+}
