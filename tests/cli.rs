@@ -486,10 +486,12 @@ fn check_exit_codes_and_json() {
 ///   data from 8 MiB), so every qemu-made file has 4 MiB unused at 4 MiB. That is not a leak
 ///   (our writer fills such gaps before growing the file): exit 0, reported as unused bytes;
 /// * a default `subformat=fixed` file (block_state_zero=on: every entry ZERO, offset 0) never
-///   uses its preallocated space, which lies past the last structure: we report it leaked and
-///   `-r leaks` truncates it; qemu-img then still finds the file clean and writes and reads it
-///   as before. Once qemu has written to the unrepaired file, its new blocks follow the unused
-///   space, which becomes a gap like the one above.
+///   uses its preallocated space, which lies past the last structure. The file is fixed
+///   (LeaveBlockAllocated), so it must keep room for every block it has not allocated: only
+///   the 4 MiB past that room are leaked, and `-r leaks` truncates just those; qemu-img then
+///   still finds the file clean and writes and reads it as before. Once qemu has written to
+///   the unrepaired file, its new blocks follow the unused space, which becomes a gap like the
+///   one above.
 #[test]
 fn check_of_qemu_made_files() {
     let dir = tempdir("cli-check-qemu-");
@@ -531,10 +533,10 @@ fn check_of_qemu_made_files() {
     std::fs::copy(&fixed, &copy).unwrap();
     let leaky = json_any(&["check", "--output", "json", s(&fixed)], 3);
     assert_eq!(leaky["leaks"], 1, "{leaky:#}");
-    assert_eq!(leaky["leaked-bytes"], 68 * MIB, "{leaky:#}");
+    assert_eq!(leaky["leaked-bytes"], 4 * MIB, "{leaky:#}");
     let repaired = json_any(&["check", "-r", "leaks", "--output", "json", s(&fixed)], 0);
     assert_eq!(repaired["leaks-fixed"], 1, "{repaired:#}");
-    assert_eq!(std::fs::metadata(&fixed).unwrap().len(), 4 * MIB);
+    assert_eq!(std::fs::metadata(&fixed).unwrap().len(), 68 * MIB);
     let (code, report) = qemu_img_check(&fixed);
     assert_eq!(code, 0, "qemu-img check after our -r leaks:\n{report}");
     // qemu writes into the shrunk file (new blocks at the end) and reads what it wrote.

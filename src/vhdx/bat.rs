@@ -156,6 +156,13 @@ impl Bat {
         self.entry(self.geometry.bitmap_index(chunk))
     }
 
+    /// Payload blocks that have no space in the file (a fixed file keeps room for them).
+    pub fn unallocated_blocks(&self) -> u64 {
+        (0..self.geometry.payload_blocks())
+            .filter(|&b| !self.payload(b).0.has_data())
+            .count() as u64
+    }
+
     /// Counts of payload blocks per state, for `info` and `check`.
     pub fn state_counts(&self) -> Vec<(PayloadBlockState, u64)> {
         let mut counts = std::collections::BTreeMap::new();

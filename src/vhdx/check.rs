@@ -12,6 +12,7 @@ use super::chain::{Chain, ChainOptions};
 use super::error::Error;
 use super::file::{LogState, VhdxFile};
 use super::format::*;
+use super::space::FreeSpace;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum Repair {
@@ -192,10 +193,17 @@ fn find_leaks(file: &VhdxFile, report: &mut CheckReport) {
             "{gaps} bytes between structures are unused; new blocks will fill them"
         ));
     }
-    // A file ends on a 1 MiB boundary; anything past the last structure is leaked.
-    if file_size > pos {
+    // A file ends on a 1 MiB boundary; anything past the last structure is leaked, except
+    // the room a fixed file keeps for the blocks it has not allocated.
+    let keep = if file.metadata.leave_block_allocated && !file.metadata.has_parent {
+        let bs = u64::from(file.geometry().block_size);
+        FreeSpace::new(&used, file_size).fixed_min_len(file.bat.unallocated_blocks(), bs)
+    } else {
+        pos
+    };
+    if file_size > keep {
         let end = align_up(file_size, MIB).unwrap_or(file_size);
-        report.leaks.push((pos, end - pos));
+        report.leaks.push((keep, end - keep));
     }
 }
 

@@ -15,7 +15,7 @@
 
 use std::collections::BTreeMap;
 
-use super::format::MIB;
+use super::format::{align_up, MIB};
 
 /// The file grows by an eighth of its size at a time, at least `MIN_GROW_STEP` and at most
 /// `MAX_GROW_STEP` (and always by at least the allocation), so that first-touch writes do not
@@ -151,6 +151,17 @@ impl FreeSpace {
         end
     }
 
+    /// The shortest a fixed file (LeaveBlockAllocated) may be: room for `unallocated_blocks`
+    /// more blocks, in the gaps between structures first, then past the end ([MS-VHDX]
+    /// §2.6.2.1: such a file must not shrink below what allocating every block needs). qemu's
+    /// fixed files (`block_state_zero=on`, its default) are ZERO blocks without space over a
+    /// file of full length.
+    pub fn fixed_min_len(&self, unallocated_blocks: u64, block_size: u64) -> u64 {
+        let end = self.trimmed_end();
+        let fit: u64 = self.free.range(..end).map(|(_, &l)| l / block_size).sum();
+        align_up(end, MIB).unwrap_or(end) + unallocated_blocks.saturating_sub(fit) * block_size
+    }
+
     pub fn file_end(&self) -> u64 {
         self.file_end
     }
@@ -214,6 +225,18 @@ mod tests {
                 zeroed: false
             }
         );
+    }
+
+    #[test]
+    fn a_fixed_file_keeps_room_for_its_unallocated_blocks() {
+        // Structures up to 4 MiB, a 3 MiB gap, a block at 7 MiB.
+        let s = FreeSpace::new(&[(0, 4 * MIB), (7 * MIB, MIB)], 8 * MIB);
+        assert_eq!(s.fixed_min_len(0, MIB), 8 * MIB);
+        // Three 1 MiB blocks fit in the gap; the others go past the end.
+        assert_eq!(s.fixed_min_len(3, MIB), 8 * MIB);
+        assert_eq!(s.fixed_min_len(5, MIB), 10 * MIB);
+        // A 2 MiB block fits in the gap once.
+        assert_eq!(s.fixed_min_len(2, 2 * MIB), 10 * MIB);
     }
 
     #[test]

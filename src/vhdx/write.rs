@@ -197,7 +197,17 @@ impl Writer {
         if len != end {
             self.io("trimming the file", self.storage.set_len(end))?;
         }
-        let space = Arc::new(Mutex::new(FreeSpace::new(&self.used_at_open, end)));
+        let mut space = FreeSpace::new(&self.used_at_open, end);
+        if self.fixed {
+            // Room for the blocks a fixed file has not allocated (zeros again now).
+            let bs = u64::from(self.geometry.block_size);
+            let min = space.fixed_min_len(self.bat.unallocated_blocks(), bs);
+            if min > end {
+                self.io("growing the file", self.storage.set_len(min))?;
+                space = FreeSpace::new(&self.used_at_open, min);
+            }
+        }
+        let space = Arc::new(Mutex::new(space));
         let hook_space = Arc::clone(&space);
         let pages = Arc::new(MetadataPages {
             storage: Arc::clone(&self.storage),
@@ -537,8 +547,17 @@ impl Writer {
             }
         }
         // With the log empty, a shorter file can no longer look truncated to a replay.
-        let end = locked(&s.space).trimmed_end();
-        let end = align_up(end, MIB).unwrap_or(end);
+        let end = {
+            let space = locked(&s.space);
+            let trimmed = space.trimmed_end();
+            let end = align_up(trimmed, MIB).unwrap_or(trimmed);
+            if self.fixed {
+                let bs = u64::from(self.geometry.block_size);
+                end.max(space.fixed_min_len(self.bat.unallocated_blocks(), bs))
+            } else {
+                end
+            }
+        };
         self.io("trimming the file", self.storage.set_len(end))?;
         self.io("flushing", self.storage.flush())
     }
