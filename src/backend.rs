@@ -159,7 +159,7 @@ impl BlockDevice {
                         writable: d.is_write_only(),
                     })
                     .collect();
-                let used = self.execute(&*mem, &descs);
+                let used = self.execute(&mem, &descs);
                 vring
                     .add_used(head, used)
                     .map_err(|e| io::Error::other(format!("{e:?}")))?;
