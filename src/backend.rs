@@ -160,9 +160,13 @@ impl BlockDevice {
                     })
                     .collect();
                 let used = self.execute(&mem, &descs);
-                vring
-                    .add_used(head, used)
-                    .map_err(|e| io::Error::other(format!("{e:?}")))?;
+                if let Err(e) = vring.add_used(head, used) {
+                    // A head index past the end of the queue (a guest bug) has no used slot.
+                    // Returning the error would end this queue's worker thread: the queue
+                    // would stop serving until the VMM reconnects. Drop the chain instead.
+                    warn!("descriptor chain {head} cannot be completed: {e:?}");
+                    continue;
+                }
                 completed += 1;
             }
             if completed > 0
