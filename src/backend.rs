@@ -274,6 +274,8 @@ impl BlockDevice {
                 let serial = self.options.serial.as_bytes();
                 let n = serial.len().min(id.len());
                 id[..n].copy_from_slice(&serial[..n]);
+                // An id buffer outside guest memory is an error, not a silent short answer.
+                GuestBuffers::new(mem, &req.data).map_err(|e| Self::ioerr("get id", e))?;
                 Ok(write_to_segments(mem, &req.data, &id) as u32)
             }
             Kind::Discard(ranges) => {
