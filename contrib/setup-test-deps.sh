@@ -3,11 +3,15 @@
 #   * qemu-img, qemu-io, qemu-storage-daemon (Debian qemu-utils, preferably 10.x from
 #     bookworm-backports, the version the tests were written against);
 #   * a Python virtualenv at $REPO/.venv with libvhdi-python (module pyvhdi), an independent
-#     VHDX reader used as a test peer.
+#     VHDX reader used as a test peer;
+#   * for the guest end-to-end tests (tests/guest.rs, tests/guest/guest-run): qemu-system-x86
+#     matching the installed qemu-utils, and busybox-static, cpio, kmod, xz-utils, fio and
+#     e2fsprogs, from which guest-run builds its guest image (the guest kernel is downloaded by
+#     guest-run itself with apt-get download, never installed).
 #
-# Usage: contrib/setup-test-deps.sh [--with-qemu-system]
-#   --with-qemu-system  also install qemu-system-x86 (for guest end-to-end tests), matching the
-#                       installed qemu-utils version; see ensure_qemu_system below.
+# Usage: contrib/setup-test-deps.sh [--without-guest]
+#   --without-guest     skip what only the guest end-to-end tests need (qemu-system-x86 etc.).
+#   --with-qemu-system  accepted for compatibility: the guest tools are installed by default.
 #
 # Environment: VHDX_VENV (default $REPO/.venv), PYTHON (interpreter that creates the venv,
 # default python3), LIBVHDI_PYTHON_SPEC (pip requirement, default pinned below),
@@ -102,7 +106,7 @@ ensure_qemu_utils() {
     done
 }
 
-# qemu-system-x86_64 for guest end-to-end tests. NOT run by default (only --with-qemu-system).
+# qemu-system-x86_64 for the guest end-to-end tests (skipped with --without-guest).
 # Bookworm's qemu-system-x86 7.2 drags in qemu-system-common 7.2, which also ships
 # qemu-storage-daemon, so a plain "apt-get install qemu-system-x86" REMOVES a backports
 # qemu-utils 10.x (and with it qemu-img). So when qemu-utils is a backports build, install the
@@ -124,6 +128,22 @@ ensure_qemu_system() {
     command -v qemu-system-x86_64 >/dev/null || die "qemu-system-x86_64 missing after install"
     [[ -z $v || $(installed_version qemu-utils) == "$v" ]] ||
         die "installing qemu-system-x86 changed qemu-utils from $v to $(installed_version qemu-utils)"
+}
+
+# The host tools guest-run builds its guest image from and checks results with (command ->
+# Debian package). busybox must be the static one: it is copied into the guest as is.
+ensure_guest_tools() {
+    local -A pkg_of=([cpio]=cpio [depmod]=kmod [modprobe]=kmod [xz]=xz-utils [fio]=fio
+                     [e2fsck]=e2fsprogs [debugfs]=e2fsprogs [flock]=util-linux)
+    local cmd missing=()
+    for cmd in "${!pkg_of[@]}"; do
+        PATH=$PATH:/usr/sbin:/sbin command -v "$cmd" >/dev/null || missing+=("${pkg_of[$cmd]}")
+    done
+    # A dynamically linked busybox (Debian's "busybox") would not run in the guest.
+    [[ -x /bin/busybox ]] && ! ldd /bin/busybox >/dev/null 2>&1 || missing+=(busybox-static)
+    ((${#missing[@]})) || return 0
+    mapfile -t missing < <(printf '%s\n' "${missing[@]}" | sort -u)
+    apt_install "${missing[@]}"
 }
 
 # ---------------------------------------------------------------- Python peer
@@ -155,16 +175,20 @@ ensure_venv() {
 }
 
 main() {
-    local with_qemu_system=0 arg
+    local guest=1 arg
     for arg in "$@"; do
         case $arg in
-            --with-qemu-system) with_qemu_system=1 ;;
-            -h|--help) sed -n '2,15p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; return 0 ;;
+            --with-qemu-system) guest=1 ;;
+            --without-guest) guest=0 ;;
+            -h|--help) sed -n '2,21p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; return 0 ;;
             *) die "unknown argument: $arg (try --help)" ;;
         esac
     done
     ensure_qemu_utils
-    ((with_qemu_system)) && ensure_qemu_system
+    if ((guest)); then
+        ensure_qemu_system
+        ensure_guest_tools
+    fi
     ensure_venv
     return 0
 }
