@@ -1,0 +1,747 @@
+//! End to end: a real Linux guest, booted in QEMU by `tests/guest/guest-run`, does I/O on a VHDX
+//! served over vhost-user-blk; then, with the backend stopped, the host judges the image with
+//! `qemu-img check`, `qemu-img convert` / our `convert`, `cmp`, `e2fsck`, `debugfs`, host `fio`
+//! and pyvhdi.
+//!
+//! Needs: qemu-system-x86_64 (the version of the installed qemu-utils), busybox-static, cpio,
+//! kmod, xz-utils, fio, e2fsprogs — `contrib/setup-test-deps.sh` installs them (so does
+//! `contrib/test.sh`). The first run downloads Debian's kernel package (linux-image-amd64, about
+//! 70 MB, `apt-get download`, never installed) and builds the guest image into
+//! `${XDG_CACHE_HOME:-~/.cache}/vhost-user-vhdx-guest` (about 15 s, once).
+//!
+//! Time: the guests run under TCG (no KVM on the build machine), 2 vCPUs, one guest at a time
+//! (the tests take a lock). On the 2-core build machine a boot takes 2-4 s, a test 3-12 s, the
+//! whole file 20-35 s, with qemu-storage-daemon or our serve as the backend.
+//!
+//! Which backend serves the disk ([`start_backend`]):
+//! * by default this build's `vhost-user-vhdx serve --socket-path SOCK --num-queues N IMAGE`;
+//! * `VHDX_GUEST_BACKEND=CMD` runs `CMD --socket-path SOCK --num-queues N IMAGE` instead (CMD is
+//!   split at whitespace; `qsd` means `tests/guest/qsd-backend`, qemu-storage-daemon with QEMU's
+//!   vhdx driver). The differencing test always runs our serve: QEMU cannot open differencing
+//!   VHDX. Checks of what only our backend does (discarded blocks read back as zeros, fstrim
+//!   gives the space back) are made only when our serve runs.
+//! * `VHDX_GUEST_SKIP_SERVE=1` skips (passes with a note on stderr) every test that would run our
+//!   serve: all of them without `VHDX_GUEST_BACKEND`, only the differencing one with it. It is
+//!   for development before `serve` works; never set it in CI.
+//!
+//! `VHDX_GUEST_VERBOSE=1` streams each guest's kernel console to stderr (`guest-run -v`). Run
+//! with `-- --nocapture` to see the timing lines.
+
+mod common;
+
+use std::collections::HashSet;
+use std::fs::{self, File};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use common::*;
+use rand::{RngCore, SeedableRng};
+
+const MIB: u64 = 1 << 20;
+/// guest-run's own timeout; a test that passes takes well under a minute.
+const GUEST_TIMEOUT_SECS: u32 = 180;
+
+// ------------------------------------------------------------------------------------- backend
+
+/// The backend command from `VHDX_GUEST_BACKEND`, or `None` for our own serve.
+fn foreign_backend() -> Option<Vec<String>> {
+    let v = std::env::var("VHDX_GUEST_BACKEND").ok()?;
+    let mut words: Vec<String> = v.split_whitespace().map(String::from).collect();
+    match words.first().map(String::as_str) {
+        None => None,
+        Some("qsd") => {
+            words[0] = s(&guest_dir().join("qsd-backend")).to_owned();
+            Some(words)
+        }
+        Some(_) => Some(words),
+    }
+}
+
+fn our_backend() -> Vec<String> {
+    vec![s(&bin()).to_owned(), "serve".to_owned()]
+}
+
+/// Whether a test that would run our serve is skipped (`VHDX_GUEST_SKIP_SERVE=1`); says so.
+fn skip_our_serve(test: &str) -> bool {
+    let skip = matches!(std::env::var("VHDX_GUEST_SKIP_SERVE").as_deref(), Ok(v) if !v.is_empty() && v != "0");
+    if skip {
+        eprintln!("guest: {test}: SKIPPED (it runs `vhost-user-vhdx serve`; VHDX_GUEST_SKIP_SERVE is set)");
+    }
+    skip
+}
+
+/// Starts the backend serving `image` on `socket` with `queues` queues and returns once it
+/// listens: `$VHDX_GUEST_BACKEND` if set, else `vhost-user-vhdx serve`. Its stdout and stderr go
+/// to `<socket>.log`.
+pub fn start_backend(image: &Path, socket: &Path, queues: u16) -> Child {
+    let command = foreign_backend().unwrap_or_else(our_backend);
+    spawn_backend(&command, image, socket, queues)
+}
+
+fn spawn_backend(command: &[String], image: &Path, socket: &Path, queues: u16) -> Child {
+    let log_path = log_of(socket);
+    let log = File::create(&log_path)
+        .unwrap_or_else(|e| panic!("cannot create {}: {e}", log_path.display()));
+    let mut cmd = Command::new(&command[0]);
+    cmd.args(&command[1..])
+        .arg("--socket-path")
+        .arg(socket)
+        .arg("--num-queues")
+        .arg(queues.to_string())
+        .arg(image)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().expect("dup the log file"))
+        .stderr(log);
+    if std::env::var_os("RUST_LOG").is_none() {
+        cmd.env("RUST_LOG", "info");
+    }
+    let mut child = cmd
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start the backend {command:?}: {e}"));
+    // Wait until it listens. Connecting to find out could use up a backend's one connection,
+    // so look for the socket in /proc/net/unix in the listening state (__SO_ACCEPTCON).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(status) = child.try_wait().expect("wait for the backend") {
+            panic!(
+                "the backend {command:?} exited with {status} before listening on {}\n--- its log ---\n{}",
+                socket.display(),
+                read_log(socket)
+            );
+        }
+        if is_listening(socket) {
+            return child;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "the backend {command:?} did not listen on {} within 30 s\n--- its log ---\n{}",
+                socket.display(),
+                read_log(socket)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn is_listening(socket: &Path) -> bool {
+    let table = fs::read_to_string("/proc/net/unix").unwrap_or_default();
+    table.lines().skip(1).any(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        fields.len() >= 8
+            && Path::new(fields[7]) == socket
+            && u32::from_str_radix(fields[3], 16).is_ok_and(|flags| flags & 0x10000 != 0)
+    })
+}
+
+fn log_of(socket: &Path) -> PathBuf {
+    let mut p = socket.as_os_str().to_owned();
+    p.push(".log");
+    PathBuf::from(p)
+}
+
+fn read_log(socket: &Path) -> String {
+    fs::read_to_string(log_of(socket)).unwrap_or_else(|e| format!("(no log: {e})"))
+}
+
+/// A running backend; killed if the test fails before [`Backend::stop`].
+struct Backend {
+    child: Option<Child>,
+    socket: PathBuf,
+}
+
+impl Backend {
+    fn start(image: &Path, socket: &Path, queues: u16) -> Backend {
+        Backend {
+            child: Some(start_backend(image, socket, queues)),
+            socket: socket.to_owned(),
+        }
+    }
+
+    fn start_ours(image: &Path, socket: &Path, queues: u16) -> Backend {
+        Backend {
+            child: Some(spawn_backend(&our_backend(), image, socket, queues)),
+            socket: socket.to_owned(),
+        }
+    }
+
+    fn log(&self) -> String {
+        read_log(&self.socket)
+    }
+
+    /// SIGTERM, then the backend must close the image and exit 0 within 60 s.
+    fn stop(mut self) {
+        let mut child = self.child.take().expect("running");
+        let pid = child.id().to_string();
+        let killed = Command::new("kill").args(["-TERM", &pid]).status();
+        assert!(
+            matches!(killed, Ok(st) if st.success()),
+            "kill -TERM {pid} failed: {killed:?}"
+        );
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let status = loop {
+            if let Some(st) = child.try_wait().expect("wait for the backend") {
+                break st;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!(
+                    "the backend did not exit within 60 s of SIGTERM\n--- its log ---\n{}",
+                    self.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        assert!(
+            status.success(),
+            "the backend exited with {status} after SIGTERM\n--- its log ---\n{}",
+            self.log()
+        );
+    }
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+// ------------------------------------------------------------------------------------- guest
+
+fn guest_dir() -> PathBuf {
+    repo_root().join("tests/guest")
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().expect("UTF-8 path")
+}
+
+/// One guest at a time: two TCG guests on a 2-core machine would each take twice as long and
+/// risk their timeouts.
+fn one_guest() -> MutexGuard<'static, ()> {
+    static LOCK: Mutex<()> = Mutex::new(());
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Runs `guest-run --socket SOCK... --queues N OPTS... SCRIPT ARGS...` and returns the script's
+/// stdout; panics with everything (guest stdout and stderr, console tail, backend logs) unless
+/// the script exits 0.
+fn guest_run(
+    test: &str,
+    backends: &[&Backend],
+    queues: u16,
+    opts: &[&str],
+    script: &str,
+    args: &[String],
+) -> String {
+    let mut cmd = Command::new(guest_dir().join("guest-run"));
+    for b in backends {
+        cmd.arg("--socket").arg(&b.socket);
+    }
+    cmd.args(["--queues", &queues.to_string()])
+        .args(["--timeout", &GUEST_TIMEOUT_SECS.to_string()])
+        .args(opts);
+    if matches!(std::env::var("VHDX_GUEST_VERBOSE").as_deref(), Ok(v) if !v.is_empty() && v != "0")
+    {
+        cmd.arg("-v");
+    }
+    cmd.arg(guest_dir().join(script)).args(args);
+    let started = Instant::now();
+    let out: Output = cmd
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run tests/guest/guest-run: {e}"));
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let summary = stderr
+        .lines()
+        .rfind(|l| l.starts_with("guest-run: accel="))
+        .unwrap_or("");
+    eprintln!(
+        "guest: {test}: guest-run {script} {:.1} s ({summary})",
+        started.elapsed().as_secs_f64()
+    );
+    if !out.status.success() {
+        let logs: Vec<String> = backends
+            .iter()
+            .map(|b| format!("--- backend log ({}) ---\n{}", b.socket.display(), b.log()))
+            .collect();
+        panic!(
+            "{test}: guest-run {script} {args:?} exited with {} (124: timeout, 125: boot or \
+             harness failure)\n--- guest stdout ---\n{stdout}--- guest-run stderr ---\n{stderr}{}",
+            out.status,
+            logs.join("\n")
+        );
+    }
+    stdout
+}
+
+/// The rest of the first stdout line that starts with `key ` (e.g. "TRIMMED 123" -> "123").
+fn value<'a>(out: &'a str, key: &str) -> Option<&'a str> {
+    out.lines()
+        .find_map(|l| l.strip_prefix(key).and_then(|r| r.strip_prefix(' ')))
+}
+
+fn assert_line(out: &str, line: &str) {
+    assert!(
+        out.lines().any(|l| l == line),
+        "the guest did not print {line:?}; its stdout:\n{out}"
+    );
+}
+
+/// Every queue of a `queues`-queue disk completed requests during the script ("QUEUE q IRQS n").
+fn assert_all_queues_used(out: &str, queues: u16) {
+    assert_line(out, &format!("QUEUES {queues}"));
+    for q in 0..queues {
+        let irqs: u64 = value(out, &format!("QUEUE {q} IRQS"))
+            .unwrap_or_else(|| panic!("no 'QUEUE {q} IRQS' line in:\n{out}"))
+            .parse()
+            .expect("a count");
+        assert!(irqs > 0, "queue {q} completed no request:\n{out}");
+    }
+}
+
+// ------------------------------------------------------------------------------------- host side
+
+fn random_bytes(seed: u64, len: u64) -> Vec<u8> {
+    let mut buf = vec![0u8; len as usize];
+    rand::rngs::StdRng::seed_from_u64(seed).fill_bytes(&mut buf);
+    buf
+}
+
+fn run_ok(program: &Path, args: &[&str]) -> Output {
+    let out = Command::new(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}", program.display()));
+    assert!(
+        out.status.success(),
+        "`{} {}` exited with {}\n--- stdout ---\n{}--- stderr ---\n{}",
+        program.display(),
+        args.join(" "),
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// `vhost-user-vhdx ARGS`, which must succeed.
+fn ours(args: &[&str]) -> Output {
+    run_ok(&bin(), args)
+}
+
+/// A host tool that may live in /usr/sbin or /sbin, outside a normal user's PATH.
+fn sbin(name: &str) -> PathBuf {
+    for dir in ["/usr/sbin", "/sbin"] {
+        let p = Path::new(dir).join(name);
+        if p.exists() {
+            return p;
+        }
+    }
+    PathBuf::from(name)
+}
+
+fn sha256(path: &Path) -> String {
+    let out = run_ok(Path::new("sha256sum"), &[s(path)]);
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .expect("a sum")
+        .to_owned()
+}
+
+/// `qemu-img check` reports no error and no leak.
+fn assert_qemu_img_check_clean(image: &Path) {
+    let (code, text) = qemu_img_check(image);
+    assert_eq!(code, 0, "qemu-img check {}:\n{text}", image.display());
+}
+
+/// `cmp` says the `len(pattern)` bytes of `raw` at `offset` are `pattern`'s.
+fn assert_cmp(pattern: &Path, raw: &Path, offset: u64) {
+    let len = fs::metadata(pattern).expect("pattern").len().to_string();
+    run_ok(
+        Path::new("cmp"),
+        &["-n", &len, s(pattern), s(raw), "0", &offset.to_string()],
+    );
+}
+
+/// Asserts that `data[range]` is all `byte`.
+fn assert_filled(data: &[u8], start: u64, end: u64, byte: u8, what: &str) {
+    if let Some(i) = data[start as usize..end as usize]
+        .iter()
+        .position(|&b| b != byte)
+    {
+        panic!(
+            "{what}: byte at {} is {:#04x}, expected {byte:#04x} in [{start}, {end})",
+            start + i as u64,
+            data[start as usize + i]
+        );
+    }
+}
+
+// ------------------------------------------------------------------------------------- tests
+
+/// (a) Two regions written in parallel from two vCPUs over 2 queues (one straddles a 32 MiB
+/// block boundary), read back in the guest; on the host both are in the image and everything
+/// else is still zero.
+#[test]
+fn pattern_two_queues() {
+    let test = "pattern_two_queues";
+    if foreign_backend().is_none() && skip_our_serve(test) {
+        return;
+    }
+    let _one = one_guest();
+    let t = Instant::now();
+    let dir = tempdir("guest-pattern-");
+    let image = dir.path().join("disk.vhdx");
+    let socket = dir.path().join("vhost.sock");
+    let pattern = dir.path().join("pattern.bin");
+    let raw = dir.path().join("disk.raw");
+    let size = 256 * MIB;
+    let offsets = [30 * MIB, 200 * MIB - 12 * 1024];
+    fs::write(&pattern, random_bytes(1, 8 * MIB)).unwrap();
+    ours(&["create", "-q", s(&image), "256M"]);
+
+    let backend = Backend::start(&image, &socket, 2);
+    let mut args = vec!["/dev/vda".to_owned(), "pattern.bin".to_owned()];
+    args.extend(offsets.iter().map(u64::to_string));
+    let out = guest_run(
+        test,
+        &[&backend],
+        2,
+        &["--no-fio", "--file", s(&pattern)],
+        "pattern.sh",
+        &args,
+    );
+    backend.stop();
+    assert_line(&out, "PATTERN OK");
+    assert_all_queues_used(&out, 2);
+
+    assert_qemu_img_check_clean(&image);
+    qemu_img_convert_raw(&image, &raw);
+    for off in offsets {
+        assert_cmp(&pattern, &raw, off);
+    }
+    let data = fs::read(&raw).unwrap();
+    assert_eq!(data.len() as u64, size);
+    let mut at = 0;
+    for off in offsets {
+        assert_filled(&data, at, off, 0, "outside the pattern");
+        at = off + 8 * MIB;
+    }
+    assert_filled(&data, at, size, 0, "outside the pattern");
+    eprintln!("guest: {test}: {:.1} s in all", t.elapsed().as_secs_f64());
+}
+
+/// (b) ext2 (mounted by the ext4 driver) made in the guest, files copied on, verified after a
+/// remount with cold caches, a bulk file deleted and fstrim run; on the host e2fsck finds the
+/// file system clean and debugfs reads back every file. An image made by qemu-img, 1 MiB blocks.
+#[test]
+fn filesystem_copy_and_fstrim() {
+    let test = "filesystem_copy_and_fstrim";
+    let ours_serves = foreign_backend().is_none();
+    if ours_serves && skip_our_serve(test) {
+        return;
+    }
+    let _one = one_guest();
+    let t = Instant::now();
+    let dir = tempdir("guest-fs-");
+    let image = dir.path().join("disk.vhdx");
+    let socket = dir.path().join("vhost.sock");
+    let raw = dir.path().join("disk.raw");
+    let files = dir.path().join("files");
+    let bulk = dir.path().join("bulk.bin");
+    let bulk_copies = 12u64; // 12 x 4 MiB
+    fs::create_dir_all(files.join("sub")).unwrap();
+    let contents: Vec<(&str, Vec<u8>)> = vec![
+        ("one", random_bytes(10, 1)),
+        ("sub/odd", random_bytes(11, 4095)),
+        ("mid", random_bytes(12, MIB + 17)),
+        ("sub/big", random_bytes(13, 3 * MIB)),
+        ("empty", Vec::new()),
+    ];
+    for (name, data) in &contents {
+        fs::write(files.join(name), data).unwrap();
+    }
+    let bulk_data = random_bytes(14, 4 * MIB);
+    fs::write(&bulk, &bulk_data).unwrap();
+    qemu_img_ok(&[
+        "create",
+        "-q",
+        "-f",
+        "vhdx",
+        "-o",
+        "block_size=1M",
+        s(&image),
+        "256M",
+    ]);
+
+    let backend = Backend::start(&image, &socket, 1);
+    let args = ["/dev/vda", "files", "bulk.bin", &bulk_copies.to_string()].map(String::from);
+    let out = guest_run(
+        test,
+        &[&backend],
+        1,
+        &["--no-fio", "--file", s(&files), "--file", s(&bulk)],
+        "fs.sh",
+        &args,
+    );
+    backend.stop();
+    assert_line(&out, "FS OK");
+    assert_line(&out, &format!("FILES {} VERIFIED", contents.len()));
+    let trimmed: u64 = value(&out, "TRIMMED")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no TRIMMED line in:\n{out}"));
+    assert!(
+        trimmed >= bulk_copies * 4 * MIB,
+        "fstrim trimmed only {trimmed} bytes after a {} MiB file was deleted",
+        bulk_copies * 4
+    );
+
+    assert_qemu_img_check_clean(&image);
+    qemu_img_convert_raw(&image, &raw);
+    let fsck = Command::new(sbin("e2fsck"))
+        .args(["-fn", s(&raw)])
+        .output()
+        .expect("run e2fsck");
+    assert!(
+        fsck.status.success(),
+        "e2fsck -fn finds the guest's file system damaged:\n{}{}",
+        String::from_utf8_lossy(&fsck.stdout),
+        String::from_utf8_lossy(&fsck.stderr)
+    );
+    let debugfs = |request: &str| {
+        Command::new(sbin("debugfs"))
+            .args(["-R", request, s(&raw)])
+            .output()
+            .expect("run debugfs")
+    };
+    for (name, data) in &contents {
+        let got = debugfs(&format!("cat /files/{name}"));
+        assert!(
+            got.stdout == *data,
+            "/files/{name} as debugfs reads it from the image: {} bytes, differs from the {} \
+             the guest copied\n{}",
+            got.stdout.len(),
+            data.len(),
+            String::from_utf8_lossy(&got.stderr)
+        );
+    }
+    let stat = debugfs("stat /bulk");
+    assert!(
+        String::from_utf8_lossy(&stat.stderr).contains("File not found"),
+        "/bulk should be deleted: {}",
+        String::from_utf8_lossy(&stat.stderr)
+    );
+
+    // How much of the deleted bulk file is still in the image: its 4 KiB chunks, 4 KiB aligned.
+    let chunks: HashSet<&[u8]> = bulk_data.chunks(4096).collect();
+    let data = fs::read(&raw).unwrap();
+    let left = data.chunks(4096).filter(|c| chunks.contains(c)).count() as u64;
+    let total = bulk_copies * 4 * MIB / 4096;
+    let allocated = fs::metadata(&image).unwrap().blocks() * 512;
+    eprintln!(
+        "guest: {test}: fstrim trimmed {} MiB; {left} of the deleted file's {total} blocks still \
+         read back; the image holds {} MiB",
+        trimmed / MIB,
+        allocated / MIB
+    );
+    if ours_serves {
+        assert!(
+            left * 4 <= total,
+            "after fstrim, {left} of the {total} 4 KiB blocks of the deleted file still read \
+             back: the discards did not deallocate"
+        );
+    }
+    eprintln!("guest: {test}: {:.1} s in all", t.elapsed().as_secs_f64());
+}
+
+/// (c) fio with crc32c verification, libaio, iodepth 16, one job per queue on 2 queues; then
+/// the host's fio verifies the same job again (--verify_only) on the image converted to raw.
+#[test]
+fn fio_verify_two_queues() {
+    let test = "fio_verify_two_queues";
+    if foreign_backend().is_none() && skip_our_serve(test) {
+        return;
+    }
+    let _one = one_guest();
+    let t = Instant::now();
+    let dir = tempdir("guest-fio-");
+    let image = dir.path().join("disk.vhdx");
+    let socket = dir.path().join("vhost.sock");
+    let raw = dir.path().join("disk.raw");
+    let job = guest_dir().join("verify.fio");
+    let region = 48 * MIB;
+    ours(&["create", "-q", s(&image), "128M"]);
+
+    let backend = Backend::start(&image, &socket, 2);
+    let args = ["/dev/vda".to_owned(), region.to_string()];
+    let out = guest_run(
+        test,
+        &[&backend],
+        2,
+        &["--file", s(&job)],
+        "fio-verify.sh",
+        &args,
+    );
+    backend.stop();
+    assert_line(&out, "FIO VERIFY OK");
+    assert_line(&out, "JOBS 2");
+    assert_all_queues_used(&out, 2);
+
+    assert_qemu_img_check_clean(&image);
+    qemu_img_convert_raw(&image, &raw);
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get().min(2));
+    let host = Command::new("fio")
+        .args(["--verify_only", "--output-format=terse", s(&job)])
+        .current_dir(dir.path())
+        .env("FIO_DEV", &raw)
+        .env("FIO_SIZE", region.to_string())
+        .env("FIO_JOBS", "2")
+        .env("FIO_CPUS", format!("0-{}", cpus - 1))
+        .output()
+        .expect("run fio on the host");
+    let terse = String::from_utf8_lossy(&host.stdout);
+    assert!(
+        host.status.success() && terse.split(';').nth(4) == Some("0"),
+        "the host's fio --verify_only finds the guest's data wrong in the image ({}):\n{terse}{}",
+        host.status,
+        String::from_utf8_lossy(&host.stderr)
+    );
+    eprintln!("guest: {test}: {:.1} s in all", t.elapsed().as_secs_f64());
+}
+
+/// (d) A differencing chain of depth 2 served by our backend (QEMU cannot open differencing
+/// VHDX): the guest's writes land in the child, over the base's data; the base is untouched.
+#[test]
+fn differencing_chain_depth_2() {
+    let test = "differencing_chain_depth_2";
+    if skip_our_serve(test) {
+        return;
+    }
+    let _one = one_guest();
+    let t = Instant::now();
+    let dir = tempdir("guest-chain-");
+    let base = dir.path().join("base.vhdx");
+    let child = dir.path().join("child.vhdx");
+    let socket = dir.path().join("vhost.sock");
+    let pattern = dir.path().join("pattern.bin");
+    let raw = dir.path().join("chain.raw");
+    let size = 64 * MIB;
+    let plen = 4 * MIB;
+    // 6 MiB: over the end of the base's data; 30 MiB: across the 32 MiB block boundary.
+    let offsets = [6 * MIB, 30 * MIB];
+    fs::write(&pattern, random_bytes(2, plen)).unwrap();
+    ours(&["create", "-q", s(&base), "64M"]);
+    ours(&["io", "-c", "write -P 0x33 0 8M", s(&base)]);
+    ours(&["create", "-q", "-b", s(&base), s(&child)]);
+    let base_sum = sha256(&base);
+
+    let backend = Backend::start_ours(&child, &socket, 2);
+    let mut args = vec!["/dev/vda".to_owned(), "pattern.bin".to_owned()];
+    args.extend(offsets.iter().map(u64::to_string));
+    let out = guest_run(
+        test,
+        &[&backend],
+        2,
+        &["--no-fio", "--file", s(&pattern)],
+        "pattern.sh",
+        &args,
+    );
+    backend.stop();
+    assert_line(&out, "PATTERN OK");
+    assert_all_queues_used(&out, 2);
+
+    assert_eq!(
+        sha256(&base),
+        base_sum,
+        "serving the child changed its parent"
+    );
+    assert_qemu_img_check_clean(&base);
+    ours(&["check", s(&child)]);
+    ours(&["convert", "-O", "raw", s(&child), s(&raw)]);
+    for off in offsets {
+        assert_cmp(&pattern, &raw, off);
+    }
+    let mut expected = vec![0u8; size as usize];
+    expected[..8 * MIB as usize].fill(0x33);
+    let pattern_data = fs::read(&pattern).unwrap();
+    for off in offsets {
+        expected[off as usize..(off + plen) as usize].copy_from_slice(&pattern_data);
+    }
+    let data = fs::read(&raw).unwrap();
+    assert!(
+        data == expected,
+        "the chain does not read back as the base's 0x33 under the guest's writes"
+    );
+    // An independent reader of the chain agrees.
+    let peer = dir.path().join("chain.pyvhdi.raw");
+    pyvhdi_read_raw(&peer, &[&child, &base]);
+    assert!(
+        fs::read(&peer).unwrap() == expected,
+        "pyvhdi reads the chain differently"
+    );
+    eprintln!("guest: {test}: {:.1} s in all", t.elapsed().as_secs_f64());
+}
+
+/// (e) Write zeroes and discard inside a 0xff-filled range (1 MiB blocks, the discard covers two
+/// whole blocks): write-zeroes reads back as zeros with any backend, a discard with ours.
+#[test]
+fn discard_and_write_zeroes() {
+    let test = "discard_and_write_zeroes";
+    let ours_serves = foreign_backend().is_none();
+    if ours_serves && skip_our_serve(test) {
+        return;
+    }
+    let _one = one_guest();
+    let t = Instant::now();
+    let dir = tempdir("guest-discard-");
+    let image = dir.path().join("disk.vhdx");
+    let socket = dir.path().join("vhost.sock");
+    let raw = dir.path().join("disk.raw");
+    let size = 64 * MIB;
+    let (fill, fill_len) = (4 * MIB, 8 * MIB);
+    let (zero, zero_len) = (5 * MIB, MIB);
+    let (disc, disc_len) = (8 * MIB, 2 * MIB);
+    ours(&["create", "-q", "-o", "block_size=1M", s(&image), "64M"]);
+
+    let backend = Backend::start(&image, &socket, 1);
+    let args = [fill, fill_len, zero, zero_len, disc, disc_len].map(|v| v.to_string());
+    let mut all = vec!["/dev/vda".to_owned()];
+    all.extend(args);
+    let out = guest_run(test, &[&backend], 1, &["--no-fio"], "discard.sh", &all);
+    backend.stop();
+    assert_line(&out, "QUEUES 1");
+    assert_line(&out, "ZEROES OK");
+    assert_line(&out, "DISCARD DONE");
+    let discard_zeroes = out.lines().any(|l| l == "DISCARD READS ZEROS");
+    if ours_serves {
+        assert!(
+            discard_zeroes,
+            "our backend kept the data of a discarded range:\n{out}"
+        );
+    }
+
+    assert_qemu_img_check_clean(&image);
+    qemu_img_convert_raw(&image, &raw);
+    let data = fs::read(&raw).unwrap();
+    assert_eq!(data.len() as u64, size);
+    assert_filled(&data, 0, fill, 0, "before the fill");
+    assert_filled(&data, fill, zero, 0xff, "fill");
+    assert_filled(&data, zero, zero + zero_len, 0, "write-zeroes range");
+    assert_filled(&data, zero + zero_len, disc, 0xff, "fill");
+    let discarded = if discard_zeroes { 0 } else { 0xff };
+    assert_filled(&data, disc, disc + disc_len, discarded, "discarded range");
+    assert_filled(&data, disc + disc_len, fill + fill_len, 0xff, "fill");
+    assert_filled(&data, fill + fill_len, size, 0, "after the fill");
+    eprintln!("guest: {test}: {:.1} s in all", t.elapsed().as_secs_f64());
+}
