@@ -15,7 +15,7 @@ use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
 use virtio_bindings::virtio_blk::*;
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
-use virtio_queue::QueueT;
+use virtio_queue::{QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
@@ -137,7 +137,6 @@ impl BlockDevice {
         let Some(atomic) = self.mem.read().unwrap_or_else(|e| e.into_inner()).clone() else {
             return Ok(());
         };
-        let mem = atomic.memory();
         loop {
             if self.event_idx.load(Ordering::Relaxed) {
                 vring
@@ -146,11 +145,9 @@ impl BlockDevice {
             }
             let mut completed = 0;
             loop {
-                let chain = vring
-                    .get_mut()
-                    .get_queue_mut()
-                    .pop_descriptor_chain(mem.clone());
-                let Some(chain) = chain else { break };
+                let Some((chain, mem)) = Self::pop(vring, &atomic) else {
+                    break;
+                };
                 let head = chain.head_index();
                 let descs: Vec<Descriptor> = chain
                     .map(|d| Descriptor {
@@ -183,6 +180,31 @@ impl BlockDevice {
             {
                 return Ok(());
             }
+        }
+    }
+
+    /// Pops the next available descriptor chain, with the guest memory to serve it from.
+    ///
+    /// The memory map can change while the queue is live: a driver adds a region
+    /// (ADD_MEM_REG, acknowledged) and then makes a request that uses it available. A snapshot
+    /// loaded before the request became visible may lack that region, so the memory is loaded
+    /// afresh for each chain, and the pop is redone if the map changed during it.
+    fn pop(
+        vring: &Vring,
+        atomic: &GuestMemoryType,
+    ) -> Option<(
+        virtio_queue::DescriptorChain<vm_memory::GuestMemoryLoadGuard<GuestMemoryMmap>>,
+        vm_memory::GuestMemoryLoadGuard<GuestMemoryMmap>,
+    )> {
+        let mut state = vring.get_mut();
+        let queue = state.get_queue_mut();
+        loop {
+            let mem = atomic.memory();
+            let chain = queue.pop_descriptor_chain(mem.clone())?;
+            if std::ptr::eq(&*mem, &*atomic.memory()) {
+                return Some((chain, mem));
+            }
+            queue.go_to_previous_position();
         }
     }
 
