@@ -69,10 +69,15 @@ fn main() {
     let mut b = Blkio::new("virtio-blk-vhost-user").expect("blkio driver");
     b.set_str("path", &a.socket).expect("path");
     b.connect().expect("connect");
-    b.set_i32("num-queues", a.queues as i32).expect("num-queues");
+    b.set_i32("num-queues", a.queues as i32)
+        .expect("num-queues");
     let outcome = b.start().expect("start");
     let capacity = b.get_u64("capacity").expect("capacity");
-    let region = if a.region == 0 { capacity - a.offset } else { a.region };
+    let region = if a.region == 0 {
+        capacity - a.offset
+    } else {
+        a.region
+    };
     let per_queue = a.qd * a.bs as usize;
     let mem = b
         .alloc_mem_region(per_queue * a.queues)
@@ -163,7 +168,12 @@ fn main() {
                             let mut left = a.qd;
                             while left > 0 {
                                 let n = q
-                                    .do_io(&mut completions, 0, Some(&mut Duration::from_millis(200)), None)
+                                    .do_io(
+                                        &mut completions,
+                                        0,
+                                        Some(&mut Duration::from_millis(200)),
+                                        None,
+                                    )
                                     .unwrap_or(0);
                                 if n == 0 {
                                     break;
@@ -183,7 +193,11 @@ fn main() {
     let ops: u64 = results.iter().map(|r| r.ops).sum();
     let mut lat: Vec<u32> = results.into_iter().flat_map(|r| r.latencies_us).collect();
     lat.sort_unstable();
-    let pct = |p: f64| lat.get(((lat.len() as f64 * p) as usize).min(lat.len().saturating_sub(1))).copied().unwrap_or(0);
+    let pct = |p: f64| {
+        lat.get(((lat.len() as f64 * p) as usize).min(lat.len().saturating_sub(1)))
+            .copied()
+            .unwrap_or(0)
+    };
     let bytes = ops * a.bs;
     println!(
         "{{\"job\":\"{}\",\"bs\":{},\"qd\":{},\"queues\":{},\"seconds\":{secs:.3},\"ops\":{ops},\"iops\":{:.0},\"mbps\":{:.1},\"p50_us\":{},\"p99_us\":{},\"bytes\":{bytes}}}",

@@ -221,6 +221,14 @@ impl BlockDevice {
                 return self.complete(mem, status, virtio_blk::VIRTIO_BLK_S_IOERR, 0);
             }
         };
+        // A request whose status cannot be reported is not run at all.
+        if !vm_memory::GuestMemory::check_range(mem, req.status, 1, vm_memory::Permissions::Write) {
+            debug!(
+                "status byte at {:#x} is not in guest memory: dropped",
+                req.status.0
+            );
+            return 0;
+        }
         let (status, written) = match self.run(mem, &req) {
             Ok(written) => (virtio_blk::VIRTIO_BLK_S_OK, written),
             Err(status) => (status, 0),

@@ -38,15 +38,27 @@ fn listener_from_fd(fd: RawFd) -> std::io::Result<UnixListener> {
 pub fn serve(device: Arc<BlockDevice>, socket: Socket) -> Result<(), String> {
     let std_listener = match &socket {
         Socket::Path(p) => {
-            let _ = std::fs::remove_file(p);
-            UnixListener::bind(p).map_err(|e| format!("cannot listen on {}: {e}", p.display()))?
+            // Bind and listen under a temporary name, then rename: a VMM that connects as soon
+            // as the socket file appears finds it already listening.
+            let mut tmp = p.clone().into_os_string();
+            tmp.push(format!(".{}", std::process::id()));
+            let tmp = PathBuf::from(tmp);
+            let _ = std::fs::remove_file(&tmp);
+            let l = UnixListener::bind(&tmp)
+                .map_err(|e| format!("cannot listen on {}: {e}", p.display()))?;
+            std::fs::rename(&tmp, p)
+                .map_err(|e| format!("cannot listen on {}: {e}", p.display()))?;
+            l
         }
         Socket::Fd(fd) => listener_from_fd(*fd).map_err(|e| format!("--fd {fd}: {e}"))?,
     };
-    let wake_path = std_listener
-        .local_addr()
-        .ok()
-        .and_then(|a| a.as_pathname().map(|p| p.to_path_buf()));
+    let wake_path = match &socket {
+        Socket::Path(p) => Some(p.clone()),
+        Socket::Fd(_) => std_listener
+            .local_addr()
+            .ok()
+            .and_then(|a| a.as_pathname().map(|p| p.to_path_buf())),
+    };
     let mut listener = Listener::from(std_listener);
 
     // Signals are taken by one thread with sigwait; every other thread has them blocked.
