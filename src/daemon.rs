@@ -38,17 +38,10 @@ fn listener_from_fd(fd: RawFd) -> std::io::Result<UnixListener> {
 pub fn serve(device: Arc<BlockDevice>, socket: Socket) -> Result<(), String> {
     let std_listener = match &socket {
         Socket::Path(p) => {
-            // Bind and listen under a temporary name, then rename: a VMM that connects as soon
-            // as the socket file appears finds it already listening.
-            let mut tmp = p.clone().into_os_string();
-            tmp.push(format!(".{}", std::process::id()));
-            let tmp = PathBuf::from(tmp);
-            let _ = std::fs::remove_file(&tmp);
-            let l = UnixListener::bind(&tmp)
-                .map_err(|e| format!("cannot listen on {}: {e}", p.display()))?;
-            std::fs::rename(&tmp, p)
-                .map_err(|e| format!("cannot listen on {}: {e}", p.display()))?;
-            l
+            // std binds and listens in one call, so the socket file exists only a moment
+            // before it accepts (QEMU retries a refused connect when told to reconnect).
+            let _ = std::fs::remove_file(p);
+            UnixListener::bind(p).map_err(|e| format!("cannot listen on {}: {e}", p.display()))?
         }
         Socket::Fd(fd) => listener_from_fd(*fd).map_err(|e| format!("--fd {fd}: {e}"))?,
     };
