@@ -126,7 +126,7 @@ impl Wal {
             align_up(size, MIB).unwrap_or(size),
             &[],
         );
-        write_wrapped(&shared, 0, &empty)?;
+        write_wrapped(&shared, 0, &terminated(empty.clone()))?;
         shared.storage.flush()?;
         let cursor = Cursor {
             position: empty.len() as u64,
@@ -323,9 +323,18 @@ fn poison(shared: &Shared, reason: String) {
 }
 
 /// Pages that fit in one entry of at most half the log.
+///
+/// Never more than fit in the first descriptor sector (126): qemu refuses to open a file whose
+/// log holds a stale entry with a valid header but overwritten descriptors (its search treats a
+/// bad descriptor as an I/O error, not as the end of a sequence), and with one descriptor sector
+/// an entry's header and descriptors are always written, and overwritten, together.
+///
+/// Half the log less one sector: the terminator written after each entry (see [`terminated`])
+/// must not reach the entry before it either.
 fn pages_per_entry(log_length: u64) -> usize {
-    let sectors = log_length / 2 / LOG_SECTOR_SIZE as u64;
-    let mut n = sectors.saturating_sub(1);
+    const ONE_DESCRIPTOR_SECTOR: u64 = 126;
+    let sectors = log_length / 2 / LOG_SECTOR_SIZE as u64 - 1;
+    let mut n = sectors.saturating_sub(1).min(ONE_DESCRIPTOR_SECTOR);
     while n > 0 && descriptor_sectors(n) + n > sectors {
         n -= 1;
     }
@@ -369,7 +378,7 @@ fn commit(shared: &Shared, cursor: &mut Cursor, dirty: &[u64]) -> io::Result<()>
             align_up(file_size, MIB).unwrap_or(file_size),
             chunk,
         );
-        write_wrapped(shared, cursor.position, &entry)?;
+        write_wrapped(shared, cursor.position, &terminated(entry.clone()))?;
         storage.flush()?;
         cursor.position = (cursor.position + entry.len() as u64) % shared.log_length;
         for op in chunk {
@@ -379,6 +388,17 @@ fn commit(shared: &Shared, cursor: &mut Cursor, dirty: &[u64]) -> io::Result<()>
         }
     }
     Ok(())
+}
+
+/// An entry followed by one zero sector. qemu's log search takes any valid entry as the second
+/// of a sequence (it checks sequence numbers only from the third on) and replays up to the end
+/// of what it found: if the sector after the newest entry held an older entry of this session,
+/// qemu would chain from the newest entry all the way round the log back to itself and fail
+/// the open. A zero sector after every entry ends each sequence at its newest entry; the next
+/// entry overwrites it.
+fn terminated(mut entry: Vec<u8>) -> Vec<u8> {
+    entry.resize(entry.len() + LOG_SECTOR_SIZE, 0);
+    entry
 }
 
 fn write_wrapped(shared: &Shared, position: u64, bytes: &[u8]) -> io::Result<()> {
@@ -404,8 +424,8 @@ mod tests {
         // all); a 127th page would need a second descriptor sector (129).
         let n = pages_per_entry(MIB) as u64;
         assert_eq!(n, 126);
-        assert!(descriptor_sectors(n) + n <= 128);
-        assert!(descriptor_sectors(n + 1) + n + 1 > 128);
-        assert!(pages_per_entry(8 * MIB) > 1000);
+        // With its terminator sector, an entry takes at most half the log.
+        assert!(descriptor_sectors(n) + n + 1 <= 128);
+        assert_eq!(pages_per_entry(8 * MIB), 126);
     }
 }
