@@ -91,6 +91,7 @@ def fio(image, fio_args, seconds, size):
         # Synchronous page-cache I/O on one thread per core: what the host itself does with
         # the raw file (buffered io_uring punts to worker threads and measures far less).
         ["fio", "--name=j", f"--filename={image}", "--ioengine=psync", "--direct=0",
+         "--invalidate=0",
          f"--numjobs={os.cpu_count()}",
          f"--size={size}", f"--runtime={seconds}", "--time_based", "--group_reporting",
          "--output-format=json"] + fio_args, check=True, capture_output=True, text=True).stdout
