@@ -5,18 +5,19 @@
 //! and does not depend on the daemon layer above it, so that a request handler with in-flight
 //! tracking (INFLIGHT_SHMFD) can replace vhost-user-backend's later without touching it.
 
+use std::collections::VecDeque;
 use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 
-use log::{debug, warn};
+use log::warn;
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
 use virtio_bindings::virtio_blk::*;
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 use virtio_queue::{QueueOwnedT, QueueT};
-use vm_memory::{Bytes, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
@@ -24,9 +25,10 @@ use vmm_sys_util::event::{
 use zerocopy::little_endian::{U16, U32, U64};
 use zerocopy::{Immutable, IntoBytes, KnownLayout};
 
-use crate::guest_io::{write_to_segments, GuestBuffers};
+use crate::helper_pool::HelperPool;
+use crate::requests::{Requests, MAX_DISCARD_SECTORS};
 use crate::vhdx::Chain;
-use crate::virtio_blk::{self, Descriptor, Kind, Malformed, Range};
+use crate::virtio_blk::{self, Descriptor};
 
 pub type GuestMemoryType = GuestMemoryAtomic<GuestMemoryMmap>;
 pub type Vring = VringRwLock<GuestMemoryType>;
@@ -36,8 +38,10 @@ pub const DEFAULT_NUM_QUEUES: u16 = 16;
 pub const DEFAULT_QUEUE_SIZE: usize = 256;
 /// Advertised, not trusted: requests with more segments are served anyway.
 const SEG_MAX: u32 = 128;
-/// The most sectors one discard / write-zeroes range may cover (1 GiB).
-const MAX_DISCARD_SECTORS: u32 = (1 << 30) >> 9;
+/// Completions after which a waiting driver is signalled mid-batch (see `process_queue`).
+const EARLY_SIGNAL_AFTER: usize = 8;
+/// A request this large is worth sharing with the helper threads (see `process_queue`).
+const LARGE_REQUEST: u64 = 128 << 10;
 
 /// virtio_blk_config (virtio 1.2 §5.2.4), the fields up to write_zeroes_may_unmap.
 #[derive(Clone, Copy, Debug, Default, IntoBytes, Immutable, KnownLayout)]
@@ -75,19 +79,29 @@ pub struct DeviceOptions {
     pub serial: String,
     /// Flush after every write (the guest sees a write-through cache).
     pub writethrough: bool,
+    /// Threads that help a queue with a batch of large requests (0: none).
+    pub helper_threads: usize,
+}
+
+/// The default number of helper threads: one per core beyond the queue thread's own.
+pub fn default_helper_threads() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get() - 1)
+        .unwrap_or(0)
 }
 
 pub struct BlockDevice {
-    chain: Arc<Chain>,
+    /// What runs a request; shared with the helper threads.
+    requests: Arc<Requests>,
     options: DeviceOptions,
     config: RwLock<BlockConfig>,
     event_idx: AtomicBool,
-    writethrough: AtomicBool,
     mem: RwLock<Option<GuestMemoryType>>,
+    helpers: HelperPool,
 }
 
 impl BlockDevice {
-    pub fn new(chain: Arc<Chain>, options: DeviceOptions) -> BlockDevice {
+    pub fn new(chain: Arc<Chain>, options: DeviceOptions) -> io::Result<BlockDevice> {
         let lss = chain.logical_sector_size();
         let leaf = chain.leaf();
         let pss = leaf.metadata.physical_sector_size.max(lss);
@@ -110,18 +124,23 @@ impl BlockDevice {
             write_zeroes_may_unmap: 1,
             ..Default::default()
         };
-        BlockDevice {
-            writethrough: AtomicBool::new(options.writethrough),
-            chain,
+        Ok(BlockDevice {
+            requests: Arc::new(Requests {
+                chain,
+                read_only: options.read_only,
+                serial: options.serial.clone(),
+                writethrough: AtomicBool::new(options.writethrough),
+            }),
+            helpers: HelperPool::new(options.helper_threads)?,
             options,
             config: RwLock::new(config),
             event_idx: AtomicBool::new(false),
             mem: RwLock::new(None),
-        }
+        })
     }
 
     pub fn chain(&self) -> &Arc<Chain> {
-        &self.chain
+        &self.requests.chain
     }
 
     pub fn config_bytes(&self) -> Vec<u8> {
@@ -133,10 +152,15 @@ impl BlockDevice {
     }
 
     /// Pops, executes and completes every available request of `vring`.
+    ///
+    /// Requests run one after another on the calling (queue) thread until a large one turns
+    /// up; then everything available is taken as one batch and shared with the helper threads
+    /// (see [`crate::helper_pool`]). Either way every popped request is complete on return.
     pub fn process_queue(&self, vring: &Vring) -> io::Result<()> {
         let Some(atomic) = self.mem.read().unwrap_or_else(|e| e.into_inner()).clone() else {
             return Ok(());
         };
+        let mut descs = Vec::new();
         loop {
             if self.event_idx.load(Ordering::Relaxed) {
                 vring
@@ -144,34 +168,40 @@ impl BlockDevice {
                     .map_err(|e| io::Error::other(format!("{e:?}")))?;
             }
             let mut completed = 0;
-            loop {
-                let Some((chain, mem)) = Self::pop(vring, &atomic) else {
-                    break;
-                };
+            while let Some((chain, mem)) = Self::pop(vring, &atomic) {
                 let head = chain.head_index();
-                let descs: Vec<Descriptor> = chain
-                    .map(|d| Descriptor {
-                        addr: d.addr(),
-                        len: d.len(),
-                        writable: d.is_write_only(),
-                    })
-                    .collect();
-                let used = self.execute(&mem, &descs);
-                if let Err(e) = vring.add_used(head, used) {
-                    // A head index past the end of the queue (a guest bug) has no used slot.
-                    // Returning the error would end this queue's worker thread: the queue
-                    // would stop serving until the VMM reconnects. Drop the chain instead.
-                    warn!("descriptor chain {head} cannot be completed: {e:?}");
+                descs.clear();
+                descs.extend(chain.map(|d| Descriptor {
+                    addr: d.addr(),
+                    len: d.len(),
+                    writable: d.is_write_only(),
+                }));
+                if !self.helpers.is_empty() && bytes(&descs) >= LARGE_REQUEST {
+                    let first = Popped {
+                        head,
+                        descs: std::mem::take(&mut descs),
+                        mem: mem.into_inner(),
+                    };
+                    self.run_batch(vring, &atomic, first)?;
+                    completed = 0;
                     continue;
                 }
-                completed += 1;
+                let used = self.requests.execute(&mem, &descs);
+                if complete(vring, head, used) {
+                    completed += 1;
+                }
+                // Tell a waiting driver now rather than after the whole batch: it refills
+                // the ring while this thread works on the rest, so the two run in parallel
+                // instead of taking turns (1 queue, 4 KiB QD32: 300k -> 480k IOPS). With
+                // EVENT_IDX the driver asks only when it is about to sleep; a few
+                // completions are gathered first so that a machine with more busy threads
+                // than cores does not spend its time waking the driver for each one.
+                if completed >= EARLY_SIGNAL_AFTER && signal_if_needed(vring)? {
+                    completed = 0;
+                }
             }
-            if completed > 0
-                && vring
-                    .needs_notification()
-                    .map_err(|e| io::Error::other(format!("{e:?}")))?
-            {
-                vring.signal_used_queue()?;
+            if completed > 0 {
+                signal_if_needed(vring)?;
             }
             if !self.event_idx.load(Ordering::Relaxed)
                 || !vring
@@ -181,6 +211,39 @@ impl BlockDevice {
                 return Ok(());
             }
         }
+    }
+
+    /// Runs `first` and every request available after it as one batch, on this thread and
+    /// the helpers; each request is completed (and the driver signalled if it waits) as soon
+    /// as it is done, in whatever order they finish: virtio lets a device complete requests
+    /// out of order, and a driver orders dependent requests itself (a guest issues a flush
+    /// only after the writes it covers have completed).
+    fn run_batch(&self, vring: &Vring, atomic: &GuestMemoryType, first: Popped) -> io::Result<()> {
+        let mut batch = VecDeque::from([first]);
+        while let Some((chain, mem)) = Self::pop(vring, atomic) {
+            batch.push_back(Popped {
+                head: chain.head_index(),
+                descs: chain
+                    .map(|d| Descriptor {
+                        addr: d.addr(),
+                        len: d.len(),
+                        writable: d.is_write_only(),
+                    })
+                    .collect(),
+                mem: mem.into_inner(),
+            });
+        }
+        let requests = Arc::clone(&self.requests);
+        let ring = vring.clone();
+        self.helpers.run_all(batch, move |p: Popped| {
+            let used = requests.execute(&p.mem, &p.descs);
+            if complete(&ring, p.head, used) {
+                if let Err(e) = signal_if_needed(&ring) {
+                    warn!("cannot signal the driver: {e}");
+                }
+            }
+        });
+        Ok(())
     }
 
     /// Pops the next available descriptor chain, with the guest memory to serve it from.
@@ -210,157 +273,46 @@ impl BlockDevice {
 
     /// Runs one request; returns the used length (bytes written to the guest).
     pub fn execute(&self, mem: &GuestMemoryMmap, descs: &[Descriptor]) -> u32 {
-        let req = match virtio_blk::parse(descs, mem) {
-            Ok(r) => r,
-            Err(Malformed::NoStatus) => {
-                debug!("request without a status byte: dropped");
-                return 0;
-            }
-            Err(Malformed::Bad { status, reason }) => {
-                debug!("malformed request: {reason}");
-                return self.complete(mem, status, virtio_blk::VIRTIO_BLK_S_IOERR, 0);
-            }
-        };
-        // A request whose status cannot be reported is not run at all.
-        if !vm_memory::GuestMemory::check_range(mem, req.status, 1, vm_memory::Permissions::Write) {
-            debug!(
-                "status byte at {:#x} is not in guest memory: dropped",
-                req.status.0
-            );
-            return 0;
-        }
-        let (status, written) = match self.run(mem, &req) {
-            Ok(written) => (virtio_blk::VIRTIO_BLK_S_OK, written),
-            Err(status) => (status, 0),
-        };
-        self.complete(mem, req.status, status, written)
+        self.requests.execute(mem, descs)
     }
+}
 
-    fn complete(
-        &self,
-        mem: &GuestMemoryMmap,
-        at: vm_memory::GuestAddress,
-        status: u8,
-        written: u32,
-    ) -> u32 {
-        if mem.write_obj(status, at).is_err() {
-            debug!("status byte at {:#x} is not in guest memory", at.0);
-            return 0;
-        }
-        written.saturating_add(1)
-    }
+/// A popped request, owned, so that a helper thread can run it.
+struct Popped {
+    head: u16,
+    descs: Vec<Descriptor>,
+    mem: Arc<GuestMemoryMmap>,
+}
 
-    fn capacity(&self) -> u64 {
-        self.chain.virtual_size()
-    }
+/// Bytes a request's descriptors cover (header and status included; they are small).
+fn bytes(descs: &[Descriptor]) -> u64 {
+    descs.iter().map(|d| u64::from(d.len)).sum()
+}
 
-    fn block(&self) -> u64 {
-        u64::from(self.chain.logical_sector_size())
-    }
-
-    fn ioerr(context: &str, e: impl std::fmt::Display) -> u8 {
-        warn!("{context}: {e}");
-        virtio_blk::VIRTIO_BLK_S_IOERR
-    }
-
-    /// Executes a parsed request: `Ok(bytes written to the guest)` or `Err(status)`.
-    fn run(&self, mem: &GuestMemoryMmap, req: &virtio_blk::Request) -> Result<u32, u8> {
-        let ro = self.options.read_only;
-        match &req.kind {
-            Kind::In => {
-                let (offset, _) =
-                    virtio_blk::disk_range(req.sector, req.data_len, self.capacity(), self.block())
-                        .map_err(|e| Self::ioerr("read", e))?;
-                let mut buffers =
-                    GuestBuffers::new(mem, &req.data).map_err(|e| Self::ioerr("read", e))?;
-                self.chain
-                    .read(offset, &mut buffers)
-                    .map_err(|e| Self::ioerr("read", e))?;
-                Ok(u32::try_from(req.data_len).unwrap_or(u32::MAX))
-            }
-            Kind::Out => {
-                if ro {
-                    return Err(virtio_blk::VIRTIO_BLK_S_IOERR);
-                }
-                let (offset, _) =
-                    virtio_blk::disk_range(req.sector, req.data_len, self.capacity(), self.block())
-                        .map_err(|e| Self::ioerr("write", e))?;
-                let buffers =
-                    GuestBuffers::new(mem, &req.data).map_err(|e| Self::ioerr("write", e))?;
-                self.chain
-                    .write(offset, &buffers)
-                    .map_err(|e| Self::ioerr("write", e))?;
-                if self.writethrough.load(Ordering::Relaxed) {
-                    self.chain.flush().map_err(|e| Self::ioerr("flush", e))?;
-                }
-                Ok(0)
-            }
-            Kind::Flush => {
-                self.chain.flush().map_err(|e| Self::ioerr("flush", e))?;
-                Ok(0)
-            }
-            Kind::GetId => {
-                let mut id = [0u8; virtio_blk::ID_LEN];
-                let serial = self.options.serial.as_bytes();
-                let n = serial.len().min(id.len());
-                id[..n].copy_from_slice(&serial[..n]);
-                // An id buffer outside guest memory is an error, not a silent short answer.
-                GuestBuffers::new(mem, &req.data).map_err(|e| Self::ioerr("get id", e))?;
-                Ok(write_to_segments(mem, &req.data, &id) as u32)
-            }
-            Kind::Discard(ranges) => {
-                if ro {
-                    return Err(virtio_blk::VIRTIO_BLK_S_IOERR);
-                }
-                self.trim(ranges, false)
-            }
-            Kind::WriteZeroes(ranges) => {
-                if ro {
-                    return Err(virtio_blk::VIRTIO_BLK_S_IOERR);
-                }
-                self.trim(ranges, true)
-            }
-            Kind::Unsupported(t) => {
-                debug!("unsupported request type {t}");
-                Err(virtio_blk::VIRTIO_BLK_S_UNSUPP)
-            }
+/// Puts a finished request on the used ring; false if it has no slot there.
+fn complete(vring: &Vring, head: u16, used: u32) -> bool {
+    match vring.add_used(head, used) {
+        Ok(()) => true,
+        Err(e) => {
+            // A head index past the end of the queue (a guest bug) has no used slot.
+            // Returning the error would end this queue's worker thread: the queue would stop
+            // serving until the VMM reconnects. Drop the chain instead.
+            warn!("descriptor chain {head} cannot be completed: {e:?}");
+            false
         }
     }
+}
 
-    fn trim(&self, ranges: &[Range], zero: bool) -> Result<u32, u8> {
-        // Check every range before changing anything.
-        let mut checked = Vec::with_capacity(ranges.len());
-        for r in ranges {
-            let allowed = if zero {
-                virtio_blk::WRITE_ZEROES_FLAG_UNMAP
-            } else {
-                0
-            };
-            if r.flags & !allowed != 0 {
-                return Err(virtio_blk::VIRTIO_BLK_S_UNSUPP);
-            }
-            if r.num_sectors > MAX_DISCARD_SECTORS {
-                return Err(Self::ioerr("trim", "range larger than max_discard_sectors"));
-            }
-            let len = u64::from(r.num_sectors) << virtio_blk::SECTOR_SHIFT;
-            checked.push(
-                virtio_blk::disk_range(r.sector, len, self.capacity(), self.block())
-                    .map_err(|e| Self::ioerr("trim", e))?,
-            );
-        }
-        for (offset, len) in checked {
-            let r = if zero {
-                self.chain.write_zeroes(offset, len)
-            } else {
-                self.chain.discard(offset, len)
-            };
-            r.map_err(|e| Self::ioerr("trim", e))?;
-        }
-        if self.writethrough.load(Ordering::Relaxed) {
-            self.chain.flush().map_err(|e| Self::ioerr("flush", e))?;
-        }
-        Ok(0)
+/// Signals the driver if it asked to be told (always, without EVENT_IDX); true if it did.
+fn signal_if_needed(vring: &Vring) -> io::Result<bool> {
+    if vring
+        .needs_notification()
+        .map_err(|e| io::Error::other(format!("{e:?}")))?
+    {
+        vring.signal_used_queue()?;
+        return Ok(true);
     }
+    Ok(false)
 }
 
 /// The device as vhost-user-backend sees it: one worker thread per queue.
@@ -423,10 +375,13 @@ impl VhostUserBackend for BlockBackend {
         let wce_offset = std::mem::offset_of!(BlockConfig, wce) as u32;
         if offset == wce_offset && buf.len() == 1 {
             let writeback = buf[0] != 0;
-            self.0.writethrough.store(!writeback, Ordering::Relaxed);
+            self.0
+                .requests
+                .writethrough
+                .store(!writeback, Ordering::Relaxed);
             self.0.config.write().unwrap_or_else(|e| e.into_inner()).wce = u8::from(writeback);
             if !writeback {
-                self.0.chain.flush().map_err(io::Error::from)?;
+                self.0.requests.chain.flush().map_err(io::Error::from)?;
             }
             return Ok(());
         }

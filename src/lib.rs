@@ -5,5 +5,7 @@ pub mod backend;
 pub mod cli;
 pub mod daemon;
 pub mod guest_io;
+pub mod helper_pool;
+pub mod requests;
 pub mod vhdx;
 pub mod virtio_blk;

@@ -162,8 +162,10 @@ fn device_with(s: Setup) -> Dev {
             queue_size: QUEUE_SIZE as usize,
             serial: s.serial,
             writethrough: s.writethrough,
+            helper_threads: 1,
         },
-    );
+    )
+    .unwrap();
     Dev {
         _dir: dir,
         path,

@@ -109,7 +109,17 @@ def main():
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--size", default="2G")
     ap.add_argument("--out", default=os.path.join(REPO, "target/bench"))
+    ap.add_argument("--jobs", help="comma-separated job names to run (default: all)")
+    ap.add_argument("--backends", help="comma-separated backends to run (default: all)")
+    ap.add_argument("--no-footprint", action="store_true", help="skip the footprint figures")
     a = ap.parse_args()
+    global JOBS, BACKENDS
+    if a.jobs:
+        JOBS = [j for j in JOBS if j[0] in a.jobs.split(",")]
+    if a.backends:
+        BACKENDS = [b for b in BACKENDS if b in a.backends.split(",")]
+        if "ours" not in BACKENDS:
+            raise SystemExit("--backends must include ours: every ratio is ours over an anchor")
     run(["cargo", "build", "--release", "--quiet", "--example", "blk_bench"], cwd=REPO)
     run(["cargo", "build", "--release", "--quiet"], cwd=REPO)
     os.makedirs(a.out, exist_ok=True)
@@ -189,6 +199,12 @@ def main():
         for r in rows:
             f.write(",".join(str(r[k]) for k in ("job", "backend", "iops", "mbps", "p50_us",
                                                   "p99_us", "cpu_s_per_gib")) + "\n")
+    if not a.no_footprint:
+        footprint(a, work, sock)
+    subprocess.run(["rm", "-rf", work])
+
+
+def footprint(a, work, sock):
     # Footprint: serving a 1 TiB dynamic VHDX under first-touch load; opening a 64 TiB sparse
     # VHDX; replaying a full 1 MiB log.
     big = os.path.join(work, "1t.vhdx")
@@ -201,21 +217,20 @@ def main():
         status = dict(line.split(":", 1) for line in f if ":" in line)
     stop_backend(p)
     kib = lambda k: int(status[k].split()[0]) // 1024
-    footprint = {"serve_1t_peak_rss_mib": kib("VmHWM"), "serve_1t_rss_anon_mib": kib("RssAnon"),
+    figures = {"serve_1t_peak_rss_mib": kib("VmHWM"), "serve_1t_rss_anon_mib": kib("RssAnon"),
                  "serve_1t_rss_shared_mib": kib("RssShmem") + kib("RssFile")}
     print(f"serving a 1 TiB dynamic VHDX under first-touch load: peak RSS "
-          f"{footprint['serve_1t_peak_rss_mib']} MiB (private {footprint['serve_1t_rss_anon_mib']}"
-          f" MiB; mapped client memory and binary {footprint['serve_1t_rss_shared_mib']} MiB)")
+          f"{figures['serve_1t_peak_rss_mib']} MiB (private {figures['serve_1t_rss_anon_mib']}"
+          f" MiB; mapped client memory and binary {figures['serve_1t_rss_shared_mib']} MiB)")
     fp = os.path.join(REPO, "target/release/examples/footprint")
     run(["cargo", "build", "--release", "--quiet", "--example", "footprint"], cwd=REPO)
     for what in ("open-64t", "replay-1m"):
         line = subprocess.run([fp, what, work], check=True, capture_output=True,
                               text=True).stdout.strip()
         print(line)
-        footprint[what] = line
+        figures[what] = line
     with open(os.path.join(a.out, "footprint.json"), "w") as f:
-        json.dump(footprint, f, indent=1)
-    subprocess.run(["rm", "-rf", work])
+        json.dump(figures, f, indent=1)
 
 
 if __name__ == "__main__":

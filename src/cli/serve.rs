@@ -8,7 +8,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::{ChainArgs, CliResult};
-use crate::backend::{BlockDevice, DeviceOptions, DEFAULT_NUM_QUEUES, DEFAULT_QUEUE_SIZE};
+use crate::backend::{
+    default_helper_threads, BlockDevice, DeviceOptions, DEFAULT_NUM_QUEUES, DEFAULT_QUEUE_SIZE,
+};
 use crate::daemon::{self, Socket};
 use crate::vhdx::Chain;
 
@@ -38,6 +40,10 @@ pub struct ServeArgs {
     /// Start with a write-through cache: every write is flushed before it completes.
     #[arg(long)]
     pub writethrough: bool,
+    /// Threads that help a queue with large requests (default: one per core beyond the first;
+    /// 0: each queue is served by its own thread alone).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(0..=256))]
+    pub helper_threads: Option<u16>,
     #[command(flatten)]
     pub chain: ChainArgs,
     /// The image (the conventions' `--blk-file` is accepted too).
@@ -100,8 +106,11 @@ pub fn run(args: ServeArgs) -> CliResult<ExitCode> {
             queue_size: args.queue_size,
             serial,
             writethrough: args.writethrough,
+            helper_threads: args
+                .helper_threads
+                .map_or_else(default_helper_threads, usize::from),
         },
-    ));
+    )?);
     log::info!(
         "serving {} ({} bytes, {} queues{})",
         image.display(),
