@@ -15,10 +15,10 @@ after another and interleaved (A B C A B C ...) so that drift cancels:
               ceiling: the host's own page-cache I/O, no vhost-user at all)
 
 All use the host page cache (no O_DIRECT). Prints a table (IOPS or MB/s, p50/p99 latency,
-backend CPU seconds per GiB moved, our ratio to each anchor) and writes results.json and
+backend CPU seconds per GiB moved -- for fio-raw, fio's own CPU -- our ratio to each anchor) and writes results.json and
 results.csv beside it. Figures only: this is not a test.
 """
-import argparse, json, os, signal, statistics, subprocess, sys, tempfile, time
+import argparse, json, os, resource, signal, statistics, subprocess, sys, tempfile, time
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 BIN = os.path.join(REPO, "target/release/vhost-user-vhdx")
@@ -86,7 +86,14 @@ def stop_backend(p):
         p.wait()
 
 
+def children_cpu_seconds():
+    """CPU seconds of every finished child process and of the descendants they waited for."""
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
 def fio(image, fio_args, seconds, size):
+    c0 = children_cpu_seconds()
     out = subprocess.run(
         # Synchronous page-cache I/O on one thread per core: what the host itself does with
         # the raw file (buffered io_uring punts to worker threads and measures far less).
@@ -100,7 +107,8 @@ def fio(image, fio_args, seconds, size):
     pct = side.get("clat_ns", {}).get("percentile", {})
     return {"iops": side["iops"], "mbps": side["bw_bytes"] / 1e6,
             "p50_us": pct.get("50.000000", 0) / 1000, "p99_us": pct.get("99.000000", 0) / 1000,
-            "bytes": side["io_bytes"], "cpu_s": 0.0}
+            # fio's CPU (its job processes included): the host doing the I/O itself.
+            "bytes": side["io_bytes"], "cpu_s": children_cpu_seconds() - c0}
 
 
 def main():
@@ -191,9 +199,10 @@ def main():
     machine = f"{os.cpu_count()} cores, {os.uname().release}, " + subprocess.run(
         ["qemu-storage-daemon", "--version"], capture_output=True, text=True).stdout.splitlines()[0]
     print(f"({a.rounds} rounds x {a.seconds} s per job; {machine}; medians)")
+    verdicts = targets(med, {name for name, *_ in JOBS})
     with open(os.path.join(a.out, "results.json"), "w") as f:
         json.dump({"machine": machine, "rounds": a.rounds, "seconds": a.seconds,
-                   "size": a.size, "rows": rows}, f, indent=1)
+                   "size": a.size, "rows": rows, "targets": verdicts}, f, indent=1)
     with open(os.path.join(a.out, "results.csv"), "w") as f:
         f.write("job,backend,iops,mbps,p50_us,p99_us,cpu_s_per_gib\n")
         for r in rows:
@@ -202,6 +211,48 @@ def main():
     if not a.no_footprint:
         footprint(a, work, sock)
     subprocess.run(["rm", "-rf", work])
+
+
+def targets(med, jobs):
+    """Prints each of issue 5's targets that this run's jobs and backends cover, met or not."""
+    verdicts = []
+
+    def check(what, got, want, note=""):
+        ok = got >= want
+        verdicts.append({"target": what, "got": round(got, 3), "want": want, "met": ok})
+        print(f"  {'met   ' if ok else 'MISSED'} {what}: {got:.2f}x (want >= {want}x){note}")
+
+    def ratio(job, b, key="iops"):
+        return med(job, "ours", key) / max(med(job, b, key), 1e-9)
+
+    print("targets:")
+    have = lambda job, *b: job in jobs and all(x in BACKENDS for x in b)
+    if have("4k-randread-qd32", "qsd-vhdx"):
+        check("4 KiB random read vs qsd-vhdx", ratio("4k-randread-qd32", "qsd-vhdx"), 1.3)
+    if have("4k-randread-qd32", "qsd-raw"):
+        check("4 KiB random read vs qsd-raw", ratio("4k-randread-qd32", "qsd-raw"), 1.0)
+    if have("4k-firsttouch-qd32-flush64", "qsd-vhdx"):
+        check("first-touch random writes vs qsd-vhdx",
+              ratio("4k-firsttouch-qd32-flush64", "qsd-vhdx"), 2.0)
+    for job, what in (("1m-seqread-qd8", "sequential read"), ("1m-seqwrite-qd8", "sequential write")):
+        if have(job, "qsd-raw"):
+            check(f"{what} vs qsd-raw", ratio(job, "qsd-raw"), 0.9)
+    if have("4k-randread-qd32-1q") and have("4k-randread-qd32-2q"):
+        cores = os.cpu_count()
+        # Each queue wants a core for its client thread and one for its queue thread.
+        note = "" if cores >= 4 else (f"  [{cores} cores: the 2 client and 2 queue threads "
+                                      "share them, so this is not the machine for it]")
+        check("2 queues vs 1 queue, random read",
+              med("4k-randread-qd32-2q", "ours", "iops") /
+              max(med("4k-randread-qd32-1q", "ours", "iops"), 1e-9), 1.5, note)
+    for job in sorted(jobs):
+        for b in ("qsd-vhdx", "qsd-raw"):
+            if b in BACKENDS:
+                # Less CPU per GiB than the anchor: the anchor's figure over ours, above 1.
+                check(f"CPU per GiB, {job}, {b} / ours",
+                      med(job, b, "cpu_s_per_gib") / max(med(job, "ours", "cpu_s_per_gib"), 1e-9),
+                      1.0)
+    return verdicts
 
 
 def footprint(a, work, sock):
@@ -224,11 +275,16 @@ def footprint(a, work, sock):
           f" MiB; mapped client memory and binary {figures['serve_1t_rss_shared_mib']} MiB)")
     fp = os.path.join(REPO, "target/release/examples/footprint")
     run(["cargo", "build", "--release", "--quiet", "--example", "footprint"], cwd=REPO)
-    for what in ("open-64t", "replay-1m"):
+    rss_ok = figures["serve_1t_peak_rss_mib"] < 64
+    print(f"  {'met   ' if rss_ok else 'MISSED'} serving 1 TiB in < 64 MiB RSS")
+    for what, limit_ms in (("open-64t", 100), ("replay-1m", 50)):
         line = subprocess.run([fp, what, work], check=True, capture_output=True,
                               text=True).stdout.strip()
         print(line)
+        ms = float(line.rsplit(":", 1)[1].split()[0])
+        print(f"  {'met   ' if ms < limit_ms else 'MISSED'} {what} in < {limit_ms} ms")
         figures[what] = line
+        figures[what + "_ms"] = ms
     with open(os.path.join(a.out, "footprint.json"), "w") as f:
         json.dump(figures, f, indent=1)
 
