@@ -1,14 +1,15 @@
-//! Helper threads that let one queue's batch of large requests use more than one core.
+//! Helper threads that let one queue's batch of large reads use more than one core.
 //!
 //! Each queue is served by one thread (vhost-user-backend's model). For small requests that
 //! is right: the kernel's page-cache copy of a 4 KiB read costs less than waking another
-//! thread would. A batch of large requests is different: the copy is nearly the whole cost
-//! (a perf profile of 1 MiB reads shows ~90% in the kernel's `copy_page_to_iter`), and one
+//! thread would. A batch of large reads is different: the copy is nearly the whole cost (a
+//! perf profile of 1 MiB reads shows ~90% in the kernel's `copy_page_to_iter`), and one
 //! thread copies at the speed of one core, where qemu-storage-daemon's thread pool uses them
-//! all. So a queue thread that pops large requests shares the batch: helpers take requests
-//! from it while the queue thread does too, and the queue thread returns only when every
-//! request of the batch is done. Nothing is in flight between two rounds of queue processing,
-//! as before, so stopping a queue (GET_VRING_BASE) still finds it idle.
+//! all. So a queue thread that pops a large read shares the batch: helpers take requests from
+//! it while the queue thread does too, and the queue thread returns only when every request
+//! of the batch is done. Nothing is in flight between two rounds of queue processing, as
+//! before, so stopping a queue (GET_VRING_BASE) still finds it idle. (Large writes gain
+//! nothing: see `LARGE_READ` in the backend.)
 //!
 //! The helpers hold nothing of the device between batches: when the pool is dropped they exit.
 //! They take no signals.

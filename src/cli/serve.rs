@@ -40,7 +40,7 @@ pub struct ServeArgs {
     /// Start with a write-through cache: every write is flushed before it completes.
     #[arg(long)]
     pub writethrough: bool,
-    /// Threads that help a queue with large requests (default: one per core beyond the first;
+    /// Threads that help a queue with large reads (default: one per core beyond the first;
     /// 0: each queue is served by its own thread alone).
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(0..=256))]
     pub helper_threads: Option<u16>,
