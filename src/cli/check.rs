@@ -130,6 +130,16 @@ pub fn run(args: CheckArgs) -> CliResult<ExitCode> {
         Ok(_) => {}
     }
     let r = check::check(&args.file, repair, &args.chain.parents);
+    // Opening failed for a reason that says nothing about the image (a lock, an I/O error):
+    // no report to print, one line on stderr and exit 1, as qemu-img does.
+    if r.check_errors > 0 && r.corruptions.is_empty() && r.total_blocks == 0 {
+        return Err(format!(
+            "cannot check {}: {}",
+            args.file.display(),
+            r.notes.join("; ")
+        )
+        .into());
+    }
     match args.output {
         OutputFormat::Human => print_human(&r),
         OutputFormat::Json => {
