@@ -6,6 +6,7 @@
 use std::io::{self, IoSlice, IoSliceMut};
 use std::os::fd::AsFd;
 
+use smallvec::SmallVec;
 use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryMmap, Permissions, VolatileSlice};
 
 use crate::vhdx::{ReadTarget, Storage, WriteSource};
@@ -13,6 +14,9 @@ use crate::virtio_blk::Segment;
 
 /// The kernel takes at most this many iovecs per call.
 const IOV_MAX: usize = 1024;
+
+/// A few of something per request (slices, their guards, iovecs) without a heap allocation.
+type Few<T> = SmallVec<[T; 4]>;
 
 /// Request data in guest memory: `segments` back to back make up `len` bytes.
 pub struct GuestBuffers<'a> {
@@ -39,8 +43,8 @@ impl<'a> GuestBuffers<'a> {
     }
 
     /// The guest memory of bytes `[at, at + len)`, region by region.
-    fn slices(&self, mut at: usize, mut len: usize) -> Vec<VolatileSlice<'a, ()>> {
-        let mut out = Vec::new();
+    fn slices(&self, mut at: usize, mut len: usize) -> Few<VolatileSlice<'a, ()>> {
+        let mut out = Few::new();
         for s in self.segments {
             if len == 0 {
                 break;
@@ -126,8 +130,8 @@ impl ReadTarget for GuestBuffers<'_> {
             }
             return Ok(());
         };
-        let guards: Vec<_> = slices.iter().map(|s| s.ptr_guard_mut()).collect();
-        let mut iovs: Vec<IoSliceMut<'_>> = guards
+        let guards: Few<_> = slices.iter().map(|s| s.ptr_guard_mut()).collect();
+        let mut iovs: Few<IoSliceMut<'_>> = guards
             .iter()
             .zip(&slices)
             .map(|(g, s)| {
@@ -182,8 +186,8 @@ impl WriteSource for GuestBuffers<'_> {
             }
             return storage.write_at(&buf, file_offset);
         };
-        let guards: Vec<_> = slices.iter().map(|s| s.ptr_guard()).collect();
-        let mut iovs: Vec<IoSlice<'_>> = guards
+        let guards: Few<_> = slices.iter().map(|s| s.ptr_guard()).collect();
+        let mut iovs: Few<IoSlice<'_>> = guards
             .iter()
             .zip(&slices)
             .map(|(g, s)| {

@@ -6,6 +6,7 @@
 //! ignore), and the status byte is the last device-writable byte. A chain without a writable
 //! byte cannot even be answered: it is completed with no status (used length 0).
 
+use smallvec::SmallVec;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 /// Request types (virtio_blk.h).
@@ -44,6 +45,9 @@ pub struct Segment {
     pub len: u64,
 }
 
+/// A request's runs of guest memory: nearly always a few, kept off the heap.
+pub type Segments = SmallVec<[Segment; 4]>;
+
 /// A discard or write-zeroes range.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Range {
@@ -72,7 +76,7 @@ pub struct Request {
     /// In 512-byte units, as the header gave it.
     pub sector: u64,
     /// For In: where the data goes; for Out: where it comes from; for GetId: the id buffer.
-    pub data: Vec<Segment>,
+    pub data: Segments,
     pub data_len: u64,
     /// Where the status byte goes.
     pub status: GuestAddress,
@@ -95,8 +99,8 @@ pub enum Malformed {
 pub const MAX_RANGES: u32 = 64;
 
 /// Splits the device-readable part `[from, from + len)` of `segs` into segments.
-fn sub_segments(segs: &[Segment], mut from: u64, mut len: u64) -> Vec<Segment> {
-    let mut out = Vec::new();
+fn sub_segments(segs: &[Segment], mut from: u64, mut len: u64) -> Segments {
+    let mut out = Segments::new();
     for s in segs {
         if len == 0 {
             break;
@@ -140,8 +144,8 @@ fn read_from_segments(
 pub fn parse(descs: &[Descriptor], mem: &GuestMemoryMmap) -> Result<Request, Malformed> {
     // Device-readable descriptors come first, then device-writable ones (§2.7.4.2); a readable
     // descriptor after a writable one makes the layout ambiguous.
-    let mut readable = Vec::new();
-    let mut writable = Vec::new();
+    let mut readable = Segments::new();
+    let mut writable = Segments::new();
     for d in descs {
         let seg = Segment {
             addr: d.addr,
@@ -189,7 +193,7 @@ pub fn parse(descs: &[Descriptor], mem: &GuestMemoryMmap) -> Result<Request, Mal
             sub_segments(&readable, HEADER_LEN, payload_len),
             payload_len,
         ),
-        VIRTIO_BLK_T_FLUSH => (Kind::Flush, Vec::new(), 0),
+        VIRTIO_BLK_T_FLUSH => (Kind::Flush, Segments::new(), 0),
         VIRTIO_BLK_T_GET_ID => (
             Kind::GetId,
             sub_segments(&writable, 0, writable_len),
@@ -223,9 +227,9 @@ pub fn parse(descs: &[Descriptor], mem: &GuestMemoryMmap) -> Result<Request, Mal
             } else {
                 Kind::WriteZeroes(ranges)
             };
-            (k, Vec::new(), 0)
+            (k, Segments::new(), 0)
         }
-        other => (Kind::Unsupported(other), Vec::new(), 0),
+        other => (Kind::Unsupported(other), Segments::new(), 0),
     };
     Ok(Request {
         kind,

@@ -19,7 +19,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use super::create::apply_options;
 use super::{check_format, ChainArgs, CliResult};
 use crate::vhdx::create::{self, CreateOptions};
-use crate::vhdx::{Chain, ChainOptions, Extent, ReadSource};
+use crate::vhdx::{Chain, ChainOptions, Extents, ReadSource};
 
 /// Bytes read and written per step.
 const CHUNK: u64 = 4 << 20;
@@ -85,7 +85,7 @@ impl Input {
     }
 
     /// Whether `[offset, offset + len)` is known to read as zeros without reading it.
-    fn known_zero(&self, offset: u64, len: u64, extents: &mut Vec<Extent>) -> CliResult<bool> {
+    fn known_zero(&self, offset: u64, len: u64, extents: &mut Extents) -> CliResult<bool> {
         match self {
             Input::Vhdx(chain) => {
                 extents.clear();
@@ -248,7 +248,7 @@ fn copy(input: &Input, out: &mut dyn Output, show_progress: bool) -> CliResult<(
         ProgressBar::hidden()
     };
     let mut buf = vec![0u8; CHUNK as usize];
-    let mut extents: Vec<Extent> = Vec::new();
+    let mut extents = Extents::new();
     let mut offset = 0;
     while offset < size {
         let n = (size - offset).min(CHUNK);

@@ -3,6 +3,8 @@
 
 use std::path::{Path, PathBuf};
 
+use smallvec::SmallVec;
+
 use super::buffers::{ReadTarget, WriteSource};
 use super::error::{ChainError, Error, Result};
 use super::file::{Source, VhdxFile};
@@ -38,6 +40,9 @@ pub struct Extent {
     pub source: ReadSource,
     pub len: u64,
 }
+
+/// The extents of one range: a request's range mostly has one or two, kept off the heap.
+pub type Extents = SmallVec<[Extent; 4]>;
 
 pub struct Chain {
     /// Leaf first.
@@ -132,23 +137,17 @@ impl Chain {
     }
 
     /// Appends to `out` the runs that make up `[offset, offset + len)`, adjacent runs merged.
-    pub fn resolve(&self, offset: u64, len: u64, out: &mut Vec<Extent>) -> Result<()> {
+    pub fn resolve(&self, offset: u64, len: u64, out: &mut Extents) -> Result<()> {
         self.check_range(offset, len)?;
         self.resolve_layer(0, offset, len, out)
     }
 
-    fn resolve_layer(
-        &self,
-        layer: usize,
-        offset: u64,
-        len: u64,
-        out: &mut Vec<Extent>,
-    ) -> Result<()> {
+    fn resolve_layer(&self, layer: usize, offset: u64, len: u64, out: &mut Extents) -> Result<()> {
         let Some(file) = self.layers.get(layer) else {
             push_merged(out, ReadSource::Zero, len);
             return Ok(());
         };
-        let mut runs: Vec<(Source, u64)> = Vec::new();
+        let mut runs: SmallVec<[(Source, u64); 4]> = SmallVec::new();
         file.map(offset, len, &mut |s, l| runs.push((s, l)))?;
         let mut pos = offset;
         for (source, l) in runs {
@@ -169,7 +168,7 @@ impl Chain {
 
     /// Reads `dst.len()` bytes of the virtual disk at `offset` into `dst`.
     pub fn read(&self, offset: u64, dst: &mut dyn ReadTarget) -> Result<()> {
-        let mut extents = Vec::new();
+        let mut extents = Extents::new();
         self.resolve(offset, dst.len() as u64, &mut extents)?;
         let mut at = 0usize;
         for e in extents {
@@ -223,7 +222,7 @@ impl Chain {
     }
 }
 
-fn push_merged(out: &mut Vec<Extent>, source: ReadSource, len: u64) {
+fn push_merged(out: &mut Extents, source: ReadSource, len: u64) {
     if let Some(last) = out.last_mut() {
         let joins = match (last.source, source) {
             (ReadSource::Zero, ReadSource::Zero) => true,
@@ -351,7 +350,7 @@ mod tests {
 
     #[test]
     fn merging_joins_only_contiguous_runs() {
-        let mut v = Vec::new();
+        let mut v = Extents::new();
         push_merged(&mut v, ReadSource::Zero, 512);
         push_merged(&mut v, ReadSource::Zero, 512);
         push_merged(

@@ -25,7 +25,7 @@ pub mod storage;
 pub mod write;
 
 pub use buffers::{ReadTarget, WriteSource, Zeros};
-pub use chain::{Chain, ChainOptions, Extent, ReadSource};
+pub use chain::{Chain, ChainOptions, Extent, Extents, ReadSource};
 pub use error::{ChainError, Corruption, Error, Result};
 pub use file::{LogState, Source, VhdxFile};
 pub use format::PayloadBlockState;
