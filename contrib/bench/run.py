@@ -17,6 +17,14 @@ after another and interleaved (A B C A B C ...) so that drift cancels:
 All use the host page cache (no O_DIRECT). Prints a table (IOPS or MB/s, p50/p99 latency,
 backend CPU seconds per GiB moved -- for fio-raw, fio's own CPU -- our ratio to each anchor) and writes results.json and
 results.csv beside it. Figures only: this is not a test.
+
+An optional in-guest pass runs the same backends (not fio-raw) under a real Linux guest booted
+by the project's QEMU harness, tests/guest/guest-run, with fio inside it on /dev/vda:
+
+    contrib/bench/guest.py [--seconds 5] [--rounds 1] [--size 2G]
+
+It reuses this file's images, backends, fio parsing and table, and writes guest-results.json.
+Without usable KVM the guest runs under TCG, where small-block figures measure the emulator.
 """
 import argparse, json, os, resource, signal, statistics, subprocess, sys, tempfile, time
 
@@ -56,7 +64,21 @@ def cpu_seconds(pid):
     return (int(fields[11]) + int(fields[12])) / TICK
 
 
-def start_backend(kind, image, sock, queues):
+def is_listening(sock):
+    # A socket file exists from bind(); a client that connects before listen() is refused, and
+    # QEMU does not retry. /proc/net/unix shows the listening state (__SO_ACCEPTCON) without
+    # connecting, which could use up a backend's one connection.
+    with open("/proc/net/unix") as f:
+        for line in f.readlines()[1:]:
+            fields = line.split()
+            if len(fields) >= 8 and fields[7] == sock and int(fields[3], 16) & 0x10000:
+                return True
+    return False
+
+
+def start_backend(kind, image, sock, queues, log=subprocess.DEVNULL):
+    """Starts backend `kind` serving `image` on `sock`; returns its Popen once it listens.
+    Its stdout and stderr go to `log` (a file object; discarded by default)."""
     if os.path.exists(sock):
         os.unlink(sock)
     if kind == "ours":
@@ -68,13 +90,16 @@ def start_backend(kind, image, sock, queues):
                "--blockdev", f"driver={fmt},node-name=disk,file=file",
                "--export", f"type=vhost-user-blk,id=exp,node-name=disk,addr.type=unix,"
                            f"addr.path={sock},writable=on,num-queues={queues}"]
-    p = subprocess.Popen(cmd, stderr=subprocess.DEVNULL)
-    for _ in range(200):
-        if os.path.exists(sock):
+    p = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+    for _ in range(500):
+        if p.poll() is not None:
+            raise SystemExit(f"{kind} exited with status {p.returncode} before listening on {sock}")
+        if is_listening(sock):
             return p
         time.sleep(0.02)
     p.kill()
-    raise SystemExit(f"{kind} did not create {sock}")
+    p.wait()
+    raise SystemExit(f"{kind} did not listen on {sock} within 10 s")
 
 
 def stop_backend(p):
@@ -100,15 +125,69 @@ def fio(image, fio_args, seconds, size):
         ["fio", "--name=j", f"--filename={image}", "--ioengine=psync", "--direct=0",
          "--invalidate=0",
          f"--numjobs={os.cpu_count()}",
-         f"--size={size}", f"--runtime={seconds}", "--time_based", "--group_reporting",
-         "--output-format=json"] + fio_args, check=True, capture_output=True, text=True).stdout
+         # fio reads a bare --runtime as whole seconds: 0.5 would be 0.
+         f"--size={size}", f"--runtime={int(seconds * 1000)}ms", "--time_based",
+         "--group_reporting", "--output-format=json"] + fio_args, check=True, capture_output=True, text=True).stdout
+    r = parse_fio_json(out)
+    # fio's CPU (its job processes included): the host doing the I/O itself.
+    r["cpu_s"] = children_cpu_seconds() - c0
+    return r
+
+
+def parse_fio_json(out):
+    """IOPS, MB/s, p50/p99 completion latency (us) and bytes moved of the first job in fio's
+    --output-format=json output (anything fio printed before the JSON is skipped)."""
     job = json.loads(out[out.index("{"):])["jobs"][0]
     side = job["read"] if job["read"]["io_bytes"] else job["write"]
     pct = side.get("clat_ns", {}).get("percentile", {})
     return {"iops": side["iops"], "mbps": side["bw_bytes"] / 1e6,
             "p50_us": pct.get("50.000000", 0) / 1000, "p99_us": pct.get("99.000000", 0) / 1000,
-            # fio's CPU (its job processes included): the host doing the I/O itself.
-            "bytes": side["io_bytes"], "cpu_s": children_cpu_seconds() - c0}
+            "bytes": side["io_bytes"]}
+
+
+def build_images(work, size):
+    """A raw file of `size` bytes of incompressible data and a dynamic VHDX (32 MiB blocks)
+    converted from it, so every block is allocated: returns (raw, vhdx) paths in `work`."""
+    raw = os.path.join(work, "full.raw")
+    full = os.path.join(work, "full.vhdx")
+    print(f"building {size} images in {work} ...", file=sys.stderr)
+    run(["fio", "--name=fill", f"--filename={raw}", f"--size={size}", "--rw=write",
+         "--bs=1M", "--ioengine=psync", "--refill_buffers", "--output=/dev/null"])
+    run([BIN, "convert", "-q", "-f", "raw", "-O", "vhdx", "-o", "block_size=32M", raw, full])
+    return raw, full
+
+
+def print_table(results, jobs, backends):
+    """Prints the medians of `results` ((job, backend) -> list of runs) with our IOPS ratio to
+    every other backend under each job; returns the rows. `backends[0]` must be ours. A run
+    whose cpu_s_per_gib is None (not measured) shows n/a."""
+    def med(name, backend, key):
+        values = [r[key] for r in results[(name, backend)]]
+        return None if None in values else statistics.median(values)
+
+    rows = []
+    print(f"{'job':28} {'backend':9} {'IOPS':>10} {'MB/s':>9} {'p50 us':>8} {'p99 us':>8} "
+          f"{'CPU s/GiB':>10}")
+    for name in jobs:
+        for backend in backends:
+            row = {"job": name, "backend": backend}
+            for key in ("iops", "mbps", "p50_us", "p99_us", "cpu_s_per_gib"):
+                row[key] = med(name, backend, key)
+            rows.append(row)
+            cpu = "n/a" if row["cpu_s_per_gib"] is None else f"{row['cpu_s_per_gib']:.3f}"
+            print(f"{name:28} {backend:9} {row['iops']:10.0f} {row['mbps']:9.1f} "
+                  f"{row['p50_us']:8.0f} {row['p99_us']:8.0f} {cpu:>10}")
+        ours = med(name, "ours", "iops")
+        ratios = "  ".join(f"ours/{b} = {ours / max(med(name, b, 'iops'), 1e-9):.2f}x"
+                           for b in backends[1:])
+        print(f"{'':28} {ratios}")
+    return rows
+
+
+def machine():
+    """One line naming the host: cores, kernel, QEMU version."""
+    return f"{os.cpu_count()} cores, {os.uname().release}, " + subprocess.run(
+        ["qemu-storage-daemon", "--version"], capture_output=True, text=True).stdout.splitlines()[0]
 
 
 def main():
@@ -132,12 +211,7 @@ def main():
     run(["cargo", "build", "--release", "--quiet"], cwd=REPO)
     os.makedirs(a.out, exist_ok=True)
     work = tempfile.mkdtemp(prefix="vhdx-bench-")
-    raw = os.path.join(work, "full.raw")
-    full = os.path.join(work, "full.vhdx")
-    print(f"building {a.size} images in {work} ...", file=sys.stderr)
-    run(["fio", "--name=fill", f"--filename={raw}", f"--size={a.size}", "--rw=write",
-         "--bs=1M", "--ioengine=psync", "--refill_buffers", "--output=/dev/null"])
-    run([BIN, "convert", "-q", "-f", "raw", "-O", "vhdx", "-o", "block_size=32M", raw, full])
+    raw, full = build_images(work, a.size)
     results = {}  # (job, backend) -> list of runs
     sock = os.path.join(work, "vhost.sock")
     for rnd in range(a.rounds):
@@ -178,30 +252,16 @@ def main():
                 if kind == "empty" and os.path.exists(image):
                     os.unlink(image)
 
+    rows = print_table(results, [j[0] for j in JOBS], BACKENDS)
+    machine_line = machine()
+    print(f"({a.rounds} rounds x {a.seconds} s per job; {machine_line}; medians)")
+
     def med(name, backend, key):
         return statistics.median(r[key] for r in results[(name, backend)])
 
-    rows = []
-    header = f"{'job':28} {'backend':9} {'IOPS':>10} {'MB/s':>9} {'p50 us':>8} {'p99 us':>8} {'CPU s/GiB':>10}"
-    print(header)
-    for name, *_ in JOBS:
-        for backend in BACKENDS:
-            row = {"job": name, "backend": backend}
-            for key in ("iops", "mbps", "p50_us", "p99_us", "cpu_s_per_gib"):
-                row[key] = med(name, backend, key)
-            rows.append(row)
-            print(f"{name:28} {backend:9} {row['iops']:10.0f} {row['mbps']:9.1f} "
-                  f"{row['p50_us']:8.0f} {row['p99_us']:8.0f} {row['cpu_s_per_gib']:10.3f}")
-        ours = med(name, "ours", "iops")
-        ratios = "  ".join(f"ours/{b} = {ours / max(med(name, b, 'iops'), 1e-9):.2f}x"
-                           for b in BACKENDS[1:])
-        print(f"{'':28} {ratios}")
-    machine = f"{os.cpu_count()} cores, {os.uname().release}, " + subprocess.run(
-        ["qemu-storage-daemon", "--version"], capture_output=True, text=True).stdout.splitlines()[0]
-    print(f"({a.rounds} rounds x {a.seconds} s per job; {machine}; medians)")
     verdicts = targets(med, {name for name, *_ in JOBS})
     with open(os.path.join(a.out, "results.json"), "w") as f:
-        json.dump({"machine": machine, "rounds": a.rounds, "seconds": a.seconds,
+        json.dump({"machine": machine_line, "rounds": a.rounds, "seconds": a.seconds,
                    "size": a.size, "rows": rows, "targets": verdicts}, f, indent=1)
     with open(os.path.join(a.out, "results.csv"), "w") as f:
         f.write("job,backend,iops,mbps,p50_us,p99_us,cpu_s_per_gib\n")
