@@ -106,6 +106,21 @@ fn pwrite_all(file: &std::fs::File, iovs: &mut [IoSlice<'_>], mut offset: u64) -
     Ok(())
 }
 
+/// Runs `io` on the iovecs at most [`IOV_MAX`] at a time, each call at the file offset where the
+/// previous one's bytes ended (the first at `offset`).
+fn in_iov_max_calls<T: std::ops::Deref<Target = [u8]>>(
+    iovs: &mut [T],
+    mut offset: u64,
+    mut io: impl FnMut(&mut [T], u64) -> io::Result<()>,
+) -> io::Result<()> {
+    for chunk in iovs.chunks_mut(IOV_MAX) {
+        let n: usize = chunk.iter().map(|c| c.len()).sum();
+        io(chunk, offset)?;
+        offset += n as u64;
+    }
+    Ok(())
+}
+
 impl ReadTarget for GuestBuffers<'_> {
     fn len(&self) -> usize {
         self.len
@@ -141,13 +156,9 @@ impl ReadTarget for GuestBuffers<'_> {
                 IoSliceMut::new(unsafe { std::slice::from_raw_parts_mut(g.as_ptr(), s.len()) })
             })
             .collect();
-        let mut offset = file_offset;
-        for chunk in iovs.chunks_mut(IOV_MAX) {
-            let n: usize = chunk.iter().map(|c| c.len()).sum();
-            pread_all(file, chunk, offset)?;
-            offset += n as u64;
-        }
-        Ok(())
+        in_iov_max_calls(&mut iovs, file_offset, |chunk, at| {
+            pread_all(file, chunk, at)
+        })
     }
 
     fn fill_zero(&mut self, at: usize, len: usize) {
@@ -195,13 +206,9 @@ impl WriteSource for GuestBuffers<'_> {
                 IoSlice::new(unsafe { std::slice::from_raw_parts(g.as_ptr(), s.len()) })
             })
             .collect();
-        let mut offset = file_offset;
-        for chunk in iovs.chunks_mut(IOV_MAX) {
-            let n: usize = chunk.iter().map(|c| c.len()).sum();
-            pwrite_all(file, chunk, offset)?;
-            offset += n as u64;
-        }
-        Ok(())
+        in_iov_max_calls(&mut iovs, file_offset, |chunk, at| {
+            pwrite_all(file, chunk, at)
+        })
     }
 }
 

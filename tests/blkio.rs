@@ -28,6 +28,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use blkio::{iovec, Blkio, Blkioq, Completion, Errno, ReqFlags};
+use common::{ours_ok, s};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use rand::rngs::StdRng;
@@ -72,17 +73,20 @@ impl Backend {
             socket,
             log,
         };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !backend.socket.exists() {
-            backend.assert_running();
-            assert!(
-                Instant::now() < deadline,
+        let child = backend.child.as_mut().unwrap();
+        match common::wait_for_path(child, &backend.socket, Duration::from_secs(10)) {
+            Ok(()) => backend,
+            Err(common::PathNotCreated::Exited(status)) => {
+                panic!(
+                    "the backend exited early ({status})\n{}",
+                    backend.log_text()
+                )
+            }
+            Err(common::PathNotCreated::TimedOut) => panic!(
                 "the backend did not create its socket in 10 s\n{}",
                 backend.log_text()
-            );
-            std::thread::sleep(Duration::from_millis(5));
+            ),
         }
-        backend
     }
 
     fn log_text(&self) -> String {
@@ -104,21 +108,12 @@ impl Backend {
     fn terminate(mut self) -> ExitStatus {
         let mut child = self.child.take().expect("the backend was stopped");
         kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM).expect("sending SIGTERM");
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Some(status) = child.try_wait().expect("waiting for the backend") {
-                return status;
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!(
-                    "the backend did not exit within 20 s of SIGTERM\n{}",
-                    self.log_text()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        common::wait_or_kill(&mut child, Duration::from_secs(20)).unwrap_or_else(|| {
+            panic!(
+                "the backend did not exit within 20 s of SIGTERM\n{}",
+                self.log_text()
+            )
+        })
     }
 
     /// SIGTERM and a clean exit (status 0).
@@ -654,36 +649,17 @@ fn exercise(
 // ---------------------------------------------------------------------------------------------
 // Image helpers
 
-fn tool(args: &[&str]) -> String {
-    let out = Command::new(common::bin())
-        .args(args)
-        .output()
-        .expect("running vhost-user-vhdx");
-    assert!(
-        out.status.success(),
-        "vhost-user-vhdx {args:?} failed ({})\n{}{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn p(path: &Path) -> &str {
-    path.to_str().unwrap()
-}
-
 fn create(path: &Path, size: &str, opts: &str) {
     let mut args = vec!["create", "-q"];
     if !opts.is_empty() {
         args.extend(["-o", opts]);
     }
-    args.extend([p(path), size]);
-    tool(&args);
+    args.extend([s(path), size]);
+    ours_ok(&args);
 }
 
 fn info(path: &Path) -> serde_json::Value {
-    serde_json::from_str(&tool(&["info", "--output", "json", p(path)])).unwrap()
+    serde_json::from_str(&ours_ok(&["info", "--output", "json", s(path)])).unwrap()
 }
 
 /// The image was closed cleanly: log empty (LogGuid zero), `check` passes.
@@ -694,7 +670,7 @@ fn assert_closed_clean(path: &Path) {
         log["guid"], "00000000-0000-0000-0000-000000000000",
         "LogGuid not cleared: {info:#}"
     );
-    tool(&["check", p(path)]);
+    ours_ok(&["check", s(path)]);
 }
 
 /// `convert -O raw` of `image` (our reader, whole chain) equals `model`.
@@ -704,15 +680,10 @@ fn assert_converts_to(image: &Path, model: &[u8], dir: &Path) {
         image.file_name().unwrap().to_str().unwrap()
     ));
     let _ = std::fs::remove_file(&raw);
-    tool(&["convert", "-O", "raw", p(image), p(&raw)]);
+    ours_ok(&["convert", "-O", "raw", s(image), s(&raw)]);
     let got = std::fs::read(&raw).unwrap();
     assert_same(&got, model, 0, "convert -O raw");
     std::fs::remove_file(&raw).unwrap();
-}
-
-fn assert_qemu_img_clean(image: &Path) {
-    let (code, text) = common::qemu_img_check(image);
-    assert_eq!(code, 0, "qemu-img check: {text}");
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -820,7 +791,7 @@ fn random_io_on_three_queues() {
     backend.stop_clean();
 
     assert_closed_clean(&img);
-    assert_qemu_img_clean(&img);
+    common::assert_qemu_img_check_clean(&img, "after the backend stopped");
     assert_converts_to(&img, &model, dir.path());
     let raw = dir.path().join("qemu.raw");
     common::qemu_img_convert_raw(&img, &raw);
@@ -975,7 +946,7 @@ fn disconnect_and_reconnect() {
         backend.assert_running();
     }
     assert_closed_clean(&img);
-    assert_qemu_img_clean(&img);
+    common::assert_qemu_img_check_clean(&img, "after the backend stopped");
     assert_converts_to(&img, &model.into_inner().unwrap(), dir.path());
 }
 
@@ -1014,9 +985,9 @@ fn differencing_chain() {
         assert_closed_clean(image);
     };
     fill(&base, &mut model, 30);
-    tool(&["create", "-q", "-b", p(&base), p(&mid)]);
+    ours_ok(&["create", "-q", "-b", s(&base), s(&mid)]);
     fill(&mid, &mut model, 20);
-    tool(&["create", "-q", "-b", p(&mid), p(&leaf)]);
+    ours_ok(&["create", "-q", "-b", s(&mid), s(&leaf)]);
     let base_bytes = std::fs::read(&base).unwrap();
     let mid_bytes = std::fs::read(&mid).unwrap();
 
@@ -1159,7 +1130,7 @@ fn properties_match_the_image() {
         assert_closed_clean(&img);
         if lss == 512 {
             // QEMU's vhdx driver does not open 4096-byte logical sector images.
-            assert_qemu_img_clean(&img);
+            common::assert_qemu_img_check_clean(&img, "after the backend stopped");
         }
     }
 }

@@ -6,7 +6,7 @@ mod common;
 use std::fs::OpenOptions;
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Output;
 
 use common::*;
 use serde_json::Value;
@@ -15,55 +15,35 @@ use vhost_user_vhdx::vhdx::VhdxFile;
 const MIB: u64 = 1 << 20;
 const GIB: u64 = 1 << 30;
 
-fn s(p: &Path) -> &str {
-    p.to_str().expect("UTF-8 path")
-}
-
-fn run(args: &[&str]) -> Output {
-    Command::new(bin())
-        .args(args)
-        .output()
-        .expect("run vhost-user-vhdx")
-}
-
-fn stdout(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn describe(args: &[&str], out: &Output) -> String {
-    format!(
-        "`vhost-user-vhdx {}` exited with {}\n--- stdout ---\n{}--- stderr ---\n{}",
-        args.join(" "),
-        out.status,
-        stdout(out),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
-
-fn ok(args: &[&str]) -> String {
-    let out = run(args);
-    assert!(out.status.success(), "{}", describe(args, &out));
-    stdout(&out)
-}
-
 fn json(args: &[&str]) -> Value {
-    serde_json::from_str(&ok(args)).unwrap_or_else(|e| panic!("{args:?}: invalid JSON: {e}"))
+    serde_json::from_str(&ours_ok(args)).unwrap_or_else(|e| panic!("{args:?}: invalid JSON: {e}"))
+}
+
+/// Runs our binary, which must exit with status `code`.
+fn ours_exits(code: i32, args: &[&str]) -> Output {
+    let out = ours(args);
+    assert_eq!(
+        out.status.code(),
+        Some(code),
+        "{}",
+        describe_ours(args, &out)
+    );
+    out
 }
 
 /// Runs a command that must fail with exit status `code` and exactly one line on stderr (and
 /// nothing on stdout); returns that line.
 fn fails(code: i32, args: &[&str]) -> String {
-    let out = run(args);
-    assert_eq!(out.status.code(), Some(code), "{}", describe(args, &out));
+    let out = ours_exits(code, args);
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(
         err.trim_end().lines().count(),
         1,
         "expected one line on stderr; {}",
-        describe(args, &out)
+        describe_ours(args, &out)
     );
     assert!(err.starts_with("vhost-user-vhdx: "), "{err}");
-    assert!(out.stdout.is_empty(), "{}", describe(args, &out));
+    assert!(out.stdout.is_empty(), "{}", describe_ours(args, &out));
     err.trim_end().to_string()
 }
 
@@ -71,8 +51,11 @@ fn fails(code: i32, args: &[&str]) -> String {
 fn check(args: &[&str]) -> (i32, String) {
     let mut all = vec!["check"];
     all.extend_from_slice(args);
-    let out = run(&all);
-    (out.status.code().expect("exit status"), stdout(&out))
+    let out = ours(&all);
+    (
+        out.status.code().expect("exit status"),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
 }
 
 fn dir_entries(dir: &Path) -> Vec<String> {
@@ -116,7 +99,7 @@ fn has_qemu_fields(ours: &Value, theirs: &Value, skip: &[&str], what: &str) {
 fn create_prints_its_formatting_line() {
     let dir = tempdir("cli-create-");
     let img = dir.path().join("a.vhdx");
-    let out = ok(&["create", "-o", "block_size=8M", s(&img), "1G"]);
+    let out = ours_ok(&["create", "-o", "block_size=8M", s(&img), "1G"]);
     assert_eq!(
         out,
         format!(
@@ -129,7 +112,7 @@ fn create_prints_its_formatting_line() {
         )
     );
     let fixed = dir.path().join("f.vhdx");
-    let out = ok(&[
+    let out = ours_ok(&[
         "create",
         "-o",
         "subformat=fixed,logical_sector_size=4096,block_size=1M,log_size=2M",
@@ -146,7 +129,7 @@ fn create_prints_its_formatting_line() {
         "{out}"
     );
     let child = dir.path().join("c.vhdx");
-    let out = ok(&["create", "-b", s(&img), s(&child)]);
+    let out = ours_ok(&["create", "-b", s(&img), s(&child)]);
     assert!(
         out.contains(" size=1073741824 ")
             && out.contains(" block_size=8388608 ")
@@ -158,7 +141,7 @@ fn create_prints_its_formatting_line() {
         "{out}"
     );
     let quiet = dir.path().join("q.vhdx");
-    assert_eq!(ok(&["create", "-q", s(&quiet), "1M"]), "");
+    assert_eq!(ours_ok(&["create", "-q", s(&quiet), "1M"]), "");
     assert!(quiet.exists());
 }
 
@@ -166,7 +149,7 @@ fn create_prints_its_formatting_line() {
 fn create_refuses_an_existing_file() {
     let dir = tempdir("cli-create-exists-");
     let img = dir.path().join("a.vhdx");
-    ok(&["create", "-q", s(&img), "64M"]);
+    ours_ok(&["create", "-q", s(&img), "64M"]);
     let before = std::fs::read(&img).unwrap();
     let line = fails(1, &["create", s(&img), "1G"]);
     assert!(line.contains("already exists"), "{line}");
@@ -231,7 +214,7 @@ fn create_o_help_lists_the_options() {
         vec!["create", "-o", "?"],
         vec!["create", "-o", "help", s(&img), "1G"],
     ] {
-        let out = ok(&args);
+        let out = ours_ok(&args);
         for option in [
             "size=",
             "subformat=",
@@ -256,9 +239,9 @@ fn info_json_field_names_follow_qemu_img() {
     let base = dir.path().join("base.vhdx");
     let child = dir.path().join("child.vhdx");
     let leaf = dir.path().join("leaf.vhdx");
-    ok(&["create", "-q", "-o", "block_size=1M", s(&base), "64M"]);
-    ok(&["create", "-q", "-b", s(&base), s(&child)]);
-    ok(&["create", "-q", "-b", s(&child), s(&leaf)]);
+    ours_ok(&["create", "-q", "-o", "block_size=1M", s(&base), "64M"]);
+    ours_ok(&["create", "-q", "-b", s(&base), s(&child)]);
+    ours_ok(&["create", "-q", "-b", s(&child), s(&leaf)]);
 
     let info = json(&["info", "--output", "json", s(&child)]);
     assert_eq!(info["filename"], s(&child));
@@ -340,7 +323,7 @@ fn info_json_field_names_follow_qemu_img() {
     );
     // And those qemu-img prints for a vhdx.
     let qv = dir.path().join("q.vhdx");
-    qemu_img_ok(&["create", "-q", "-f", "vhdx", s(&qv), "64M"]);
+    qemu_img_create_vhdx(&qv, "64M", "");
     let q: Value =
         serde_json::from_str(&qemu_img_ok(&["info", "--output", "json", s(&qv)])).unwrap();
     let ours = json(&["info", "--output", "json", s(&qv)]);
@@ -392,7 +375,7 @@ fn poke_bat(img: &Path, index: u64, value: u64) {
 fn check_exit_codes_and_json() {
     let dir = tempdir("cli-check-");
     let img = dir.path().join("a.vhdx");
-    ok(&["create", "-q", "-o", "block_size=1M", s(&img), "64M"]);
+    ours_ok(&["create", "-q", "-o", "block_size=1M", s(&img), "64M"]);
     qemu_io_ok(&img, &["write -P 0x7e 1M 2M"]);
     let (code, out) = check(&[s(&img)]);
     assert_eq!(code, 0, "{out}");
@@ -496,16 +479,7 @@ fn check_exit_codes_and_json() {
 fn check_of_qemu_made_files() {
     let dir = tempdir("cli-check-qemu-");
     let dynamic = dir.path().join("d.vhdx");
-    qemu_img_ok(&[
-        "create",
-        "-q",
-        "-f",
-        "vhdx",
-        "-o",
-        "block_size=1M",
-        s(&dynamic),
-        "64M",
-    ]);
+    qemu_img_create_vhdx(&dynamic, "64M", "block_size=1M");
     qemu_io_ok(&dynamic, &["write -P 0x31 0 1536k", "write -P 0x32 63M 1M"]);
     let report = json_any(&["check", "--output", "json", s(&dynamic)], 0);
     assert_eq!(report["leaks"], 0, "{report:#}");
@@ -519,16 +493,7 @@ fn check_of_qemu_made_files() {
     assert_eq!(qemu_img_check(&dynamic).0, 0);
 
     let fixed = dir.path().join("f.vhdx");
-    qemu_img_ok(&[
-        "create",
-        "-q",
-        "-f",
-        "vhdx",
-        "-o",
-        "subformat=fixed,block_size=8M",
-        s(&fixed),
-        "64M",
-    ]);
+    qemu_img_create_vhdx(&fixed, "64M", "subformat=fixed,block_size=8M");
     let copy = dir.path().join("f-copy.vhdx");
     std::fs::copy(&fixed, &copy).unwrap();
     let leaky = json_any(&["check", "--output", "json", s(&fixed)], 3);
@@ -559,8 +524,7 @@ fn check_of_qemu_made_files() {
 
 /// JSON printed by a command that exits with `code`.
 fn json_any(args: &[&str], code: i32) -> Value {
-    let out = run(args);
-    assert_eq!(out.status.code(), Some(code), "{}", describe(args, &out));
+    let out = ours_exits(code, args);
     serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{args:?}: {e}"))
 }
 
@@ -568,7 +532,7 @@ fn json_any(args: &[&str], code: i32) -> Value {
 fn read_at_vhdx(img: &Path, dir: &Path, off: u64, len: usize) -> Vec<u8> {
     let raw = dir.join("read.raw");
     let _ = std::fs::remove_file(&raw);
-    ok(&["convert", "-O", "raw", s(img), s(&raw)]);
+    ours_ok(&["convert", "-O", "raw", s(img), s(&raw)]);
     read_at(&raw, off, len)
 }
 
@@ -602,9 +566,9 @@ fn check_of_the_dirty_log_fixture() {
 fn convert_output_is_sparse_and_correct() {
     let dir = tempdir("cli-convert-");
     let img = dir.path().join("empty.vhdx");
-    ok(&["create", "-q", s(&img), "10G"]);
+    ours_ok(&["create", "-q", s(&img), "10G"]);
     let raw = dir.path().join("empty.raw");
-    ok(&["convert", "-O", "raw", s(&img), s(&raw)]);
+    ours_ok(&["convert", "-O", "raw", s(&img), s(&raw)]);
     let m = std::fs::metadata(&raw).unwrap();
     assert_eq!(m.len(), 10 * GIB);
     assert!(
@@ -616,7 +580,7 @@ fn convert_output_is_sparse_and_correct() {
 
     // Data written by qemu comes out where qemu-img puts it, and the zeros between stay holes.
     let data = dir.path().join("data.vhdx");
-    ok(&["create", "-q", "-o", "block_size=1M", s(&data), "1G"]);
+    ours_ok(&["create", "-q", "-o", "block_size=1M", s(&data), "1G"]);
     qemu_io_ok(
         &data,
         &[
@@ -627,14 +591,14 @@ fn convert_output_is_sparse_and_correct() {
     );
     let ours = dir.path().join("ours.raw");
     let theirs = dir.path().join("qemu.raw");
-    ok(&["convert", "-f", "vhdx", "-O", "raw", s(&data), s(&ours)]);
+    ours_ok(&["convert", "-f", "vhdx", "-O", "raw", s(&data), s(&ours)]);
     qemu_img_convert_raw(&data, &theirs);
     if let Err(e) = files_equal(&ours, &theirs) {
         panic!("ours vs qemu-img: {e}");
     }
     assert!(std::fs::metadata(&ours).unwrap().blocks() * 512 < 4 * MIB);
     // An existing output is replaced.
-    ok(&["convert", "-O", "raw", s(&img), s(&ours)]);
+    ours_ok(&["convert", "-O", "raw", s(&img), s(&ours)]);
     assert!(is_all_zero(&ours));
     assert_eq!(
         dir_entries(dir.path()),
@@ -653,9 +617,9 @@ fn convert_refuses_and_fails_cleanly() {
     let dir = tempdir("cli-convert-fail-");
     let base = dir.path().join("base.vhdx");
     let child = dir.path().join("child.vhdx");
-    ok(&["create", "-q", "-o", "block_size=1M", s(&base), "64M"]);
+    ours_ok(&["create", "-q", "-o", "block_size=1M", s(&base), "64M"]);
     qemu_io_ok(&base, &["write -P 0x42 0 64k"]);
-    ok(&["create", "-q", "-b", s(&base), s(&child)]);
+    ours_ok(&["create", "-q", "-b", s(&base), s(&child)]);
     let base_bytes = std::fs::read(&base).unwrap();
     let child_bytes = std::fs::read(&child).unwrap();
 

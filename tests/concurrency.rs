@@ -4,7 +4,6 @@
 
 mod common;
 
-use std::path::Path;
 use std::sync::{Arc, Barrier};
 
 use rand::rngs::StdRng;
@@ -12,24 +11,13 @@ use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use vhost_user_vhdx::vhdx::check;
 use vhost_user_vhdx::vhdx::create::{self, CreateOptions};
-use vhost_user_vhdx::vhdx::{Chain, ChainOptions, PayloadBlockState};
+use vhost_user_vhdx::vhdx::{Chain, PayloadBlockState};
 
 const MIB: u64 = 1 << 20;
 const BLOCK: u64 = MIB;
 const BLOCKS: u64 = 16;
 const THREADS: usize = 4;
 const SECTOR: u64 = 512;
-
-fn open_rw(path: &Path) -> Chain {
-    Chain::open(
-        path,
-        &ChainOptions {
-            writable: true,
-            ..Default::default()
-        },
-    )
-    .unwrap()
-}
 
 fn run(differencing: bool) {
     let dir = common::tempdir("concurrency-");
@@ -42,7 +30,7 @@ fn run(differencing: bool) {
     if differencing {
         let base = dir.path().join("base.vhdx");
         create::create(&base, &opts).unwrap();
-        let c = open_rw(&base);
+        let c = common::open_writable(&base);
         c.write_at(&vec![0xbb; (BLOCKS * BLOCK) as usize], 0)
             .unwrap();
         c.close().unwrap();
@@ -57,7 +45,7 @@ fn run(differencing: bool) {
     } else {
         create::create(&leaf, &opts).unwrap();
     }
-    let chain = Arc::new(open_rw(&leaf));
+    let chain = Arc::new(common::open_writable(&leaf));
     // Every sector of the disk goes to one thread; each thread writes its sectors in a random
     // order, in bursts started together so that first touches of a block collide.
     let sectors = BLOCKS * BLOCK / SECTOR;
@@ -119,7 +107,7 @@ fn run(differencing: bool) {
 
     // Each block was allocated once: no two entries share space (the open checks that), and
     // the file holds no more data blocks than the disk has.
-    let chain = open_rw(&leaf);
+    let chain = common::open_writable(&leaf);
     let states = chain.leaf().bat.state_counts();
     let allocated: u64 = states
         .iter()

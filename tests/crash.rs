@@ -114,37 +114,43 @@ impl CrashImage {
     }
 }
 
+/// `len` bytes at file offset `offset`, cut at 4 KiB page boundaries: for each piece, where it
+/// starts in the buffer, the offset of its page, where it starts in the page, and its length.
+fn pieces(offset: u64, len: usize) -> impl Iterator<Item = (usize, u64, usize, usize)> {
+    let mut at = 0usize;
+    std::iter::from_fn(move || {
+        if at >= len {
+            return None;
+        }
+        let pos = offset + at as u64;
+        let page = pos / 4096 * 4096;
+        let within = (pos - page) as usize;
+        let n = (4096 - within).min(len - at);
+        let piece = (at, page, within, n);
+        at += n;
+        Some(piece)
+    })
+}
+
 impl Storage for CrashImage {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
         let st = self.state.lock().unwrap();
-        let mut at = 0usize;
-        while at < buf.len() {
-            let pos = offset + at as u64;
-            let page = pos / 4096 * 4096;
-            let within = (pos - page) as usize;
-            let n = (4096 - within).min(buf.len() - at);
-            if pos >= st.len {
+        for (at, page, within, n) in pieces(offset, buf.len()) {
+            if page + within as u64 >= st.len {
                 buf[at..].fill(0);
                 break;
             }
             let p = Self::page(&self.base, &st, page);
             buf[at..at + n].copy_from_slice(&p[within..within + n]);
-            at += n;
         }
         Ok(buf.len().min(st.len.saturating_sub(offset) as usize))
     }
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
         let mut st = self.state.lock().unwrap();
-        let mut at = 0usize;
-        while at < buf.len() {
-            let pos = offset + at as u64;
-            let page = pos / 4096 * 4096;
-            let within = (pos - page) as usize;
-            let n = (4096 - within).min(buf.len() - at);
+        for (at, page, within, n) in pieces(offset, buf.len()) {
             let mut p = Self::page(&self.base, &st, page);
             p[within..within + n].copy_from_slice(&buf[at..at + n]);
             st.pages.insert(page, Box::new(p));
-            at += n;
         }
         st.len = st.len.max(offset + buf.len() as u64);
         Ok(())

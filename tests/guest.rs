@@ -182,21 +182,12 @@ impl Backend {
             matches!(killed, Ok(st) if st.success()),
             "kill -TERM {pid} failed: {killed:?}"
         );
-        let deadline = Instant::now() + Duration::from_secs(60);
-        let status = loop {
-            if let Some(st) = child.try_wait().expect("wait for the backend") {
-                break st;
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!(
-                    "the backend did not exit within 60 s of SIGTERM\n--- its log ---\n{}",
-                    self.log()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        };
+        let status = wait_or_kill(&mut child, Duration::from_secs(60)).unwrap_or_else(|| {
+            panic!(
+                "the backend did not exit within 60 s of SIGTERM\n--- its log ---\n{}",
+                self.log()
+            )
+        });
         assert!(
             status.success(),
             "the backend exited with {status} after SIGTERM\n--- its log ---\n{}",
@@ -218,10 +209,6 @@ impl Drop for Backend {
 
 fn guest_dir() -> PathBuf {
     repo_root().join("tests/guest")
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().expect("UTF-8 path")
 }
 
 /// One guest at a time: two TCG guests on a 2-core machine would each take twice as long and
@@ -317,28 +304,6 @@ fn random_bytes(seed: u64, len: u64) -> Vec<u8> {
     buf
 }
 
-fn run_ok(program: &Path, args: &[&str]) -> Output {
-    let out = Command::new(program)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {}: {e}", program.display()));
-    assert!(
-        out.status.success(),
-        "`{} {}` exited with {}\n--- stdout ---\n{}--- stderr ---\n{}",
-        program.display(),
-        args.join(" "),
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
-
-/// `vhost-user-vhdx ARGS`, which must succeed.
-fn ours(args: &[&str]) -> Output {
-    run_ok(&bin(), args)
-}
-
 /// A host tool that may live in /usr/sbin or /sbin, outside a normal user's PATH.
 fn sbin(name: &str) -> PathBuf {
     for dir in ["/usr/sbin", "/sbin"] {
@@ -357,12 +322,6 @@ fn sha256(path: &Path) -> String {
         .next()
         .expect("a sum")
         .to_owned()
-}
-
-/// `qemu-img check` reports no error and no leak.
-fn assert_qemu_img_check_clean(image: &Path) {
-    let (code, text) = qemu_img_check(image);
-    assert_eq!(code, 0, "qemu-img check {}:\n{text}", image.display());
 }
 
 /// `cmp` says the `len(pattern)` bytes of `raw` at `offset` are `pattern`'s.
@@ -409,7 +368,7 @@ fn pattern_two_queues() {
     let size = 256 * MIB;
     let offsets = [30 * MIB, 200 * MIB - 12 * 1024];
     fs::write(&pattern, random_bytes(1, 8 * MIB)).unwrap();
-    ours(&["create", "-q", s(&image), "256M"]);
+    ours_ok(&["create", "-q", s(&image), "256M"]);
 
     let backend = Backend::start(&image, &socket, 2);
     let mut args = vec!["/dev/vda".to_owned(), "pattern.bin".to_owned()];
@@ -426,7 +385,7 @@ fn pattern_two_queues() {
     assert_line(&out, "PATTERN OK");
     assert_all_queues_used(&out, 2);
 
-    assert_qemu_img_check_clean(&image);
+    assert_qemu_img_check_clean(&image, test);
     qemu_img_convert_raw(&image, &raw);
     for off in offsets {
         assert_cmp(&pattern, &raw, off);
@@ -474,16 +433,7 @@ fn filesystem_copy_and_fstrim() {
     }
     let bulk_data = random_bytes(14, 4 * MIB);
     fs::write(&bulk, &bulk_data).unwrap();
-    qemu_img_ok(&[
-        "create",
-        "-q",
-        "-f",
-        "vhdx",
-        "-o",
-        "block_size=1M",
-        s(&image),
-        "256M",
-    ]);
+    qemu_img_create_vhdx(&image, "256M", "block_size=1M");
 
     let backend = Backend::start(&image, &socket, 1);
     let args = ["/dev/vda", "files", "bulk.bin", &bulk_copies.to_string()].map(String::from);
@@ -507,7 +457,7 @@ fn filesystem_copy_and_fstrim() {
         bulk_copies * 4
     );
 
-    assert_qemu_img_check_clean(&image);
+    assert_qemu_img_check_clean(&image, test);
     qemu_img_convert_raw(&image, &raw);
     let fsck = Command::new(sbin("e2fsck"))
         .args(["-fn", s(&raw)])
@@ -581,7 +531,7 @@ fn fio_verify_two_queues() {
     let raw = dir.path().join("disk.raw");
     let job = guest_dir().join("verify.fio");
     let region = 48 * MIB;
-    ours(&["create", "-q", s(&image), "128M"]);
+    ours_ok(&["create", "-q", s(&image), "128M"]);
 
     let backend = Backend::start(&image, &socket, 2);
     let args = ["/dev/vda".to_owned(), region.to_string()];
@@ -598,7 +548,7 @@ fn fio_verify_two_queues() {
     assert_line(&out, "JOBS 2");
     assert_all_queues_used(&out, 2);
 
-    assert_qemu_img_check_clean(&image);
+    assert_qemu_img_check_clean(&image, test);
     qemu_img_convert_raw(&image, &raw);
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get().min(2));
     let host = Command::new("fio")
@@ -641,9 +591,9 @@ fn differencing_chain_depth_2() {
     // 6 MiB: over the end of the base's data; 30 MiB: across the 32 MiB block boundary.
     let offsets = [6 * MIB, 30 * MIB];
     fs::write(&pattern, random_bytes(2, plen)).unwrap();
-    ours(&["create", "-q", s(&base), "64M"]);
-    ours(&["io", "-c", "write -P 0x33 0 8M", s(&base)]);
-    ours(&["create", "-q", "-b", s(&base), s(&child)]);
+    ours_ok(&["create", "-q", s(&base), "64M"]);
+    ours_ok(&["io", "-c", "write -P 0x33 0 8M", s(&base)]);
+    ours_ok(&["create", "-q", "-b", s(&base), s(&child)]);
     let base_sum = sha256(&base);
 
     let backend = Backend::start_ours(&child, &socket, 2);
@@ -666,9 +616,9 @@ fn differencing_chain_depth_2() {
         base_sum,
         "serving the child changed its parent"
     );
-    assert_qemu_img_check_clean(&base);
-    ours(&["check", s(&child)]);
-    ours(&["convert", "-O", "raw", s(&child), s(&raw)]);
+    assert_qemu_img_check_clean(&base, test);
+    ours_ok(&["check", s(&child)]);
+    ours_ok(&["convert", "-O", "raw", s(&child), s(&raw)]);
     for off in offsets {
         assert_cmp(&pattern, &raw, off);
     }
@@ -712,7 +662,7 @@ fn discard_and_write_zeroes() {
     let (fill, fill_len) = (4 * MIB, 8 * MIB);
     let (zero, zero_len) = (5 * MIB, MIB);
     let (disc, disc_len) = (8 * MIB, 2 * MIB);
-    ours(&["create", "-q", "-o", "block_size=1M", s(&image), "64M"]);
+    ours_ok(&["create", "-q", "-o", "block_size=1M", s(&image), "64M"]);
 
     let backend = Backend::start(&image, &socket, 1);
     let args = [fill, fill_len, zero, zero_len, disc, disc_len].map(|v| v.to_string());
@@ -731,7 +681,7 @@ fn discard_and_write_zeroes() {
         );
     }
 
-    assert_qemu_img_check_clean(&image);
+    assert_qemu_img_check_clean(&image, test);
     qemu_img_convert_raw(&image, &raw);
     let data = fs::read(&raw).unwrap();
     assert_eq!(data.len() as u64, size);

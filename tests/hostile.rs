@@ -537,7 +537,7 @@ fn ours_chain(dir: &Path) -> (PathBuf, PathBuf) {
 /// 3 MiB).
 fn qemu_dynamic(dir: &Path, size: &str) -> PathBuf {
     let path = dir.join("qemu.vhdx");
-    common::qemu_img_ok(&["create", "-q", "-f", "vhdx", path.to_str().unwrap(), size]);
+    common::qemu_img_create_vhdx(&path, size, "");
     VhdxFile::open(&path, false).expect("qemu-made file opens");
     path
 }
@@ -1878,6 +1878,30 @@ fn valid_log_entry_is_replayed_in_memory() {
     assert_eq!(first, Some(Source::Data(data_at)));
 }
 
+/// Puts a log entry into the file that grows it by 32 MiB: block 0 moves to the old end of the
+/// file (its entry changed in a copy of the BAT's first page) and its first page is written with
+/// 0xab; then the changes in `more`.
+fn put_log_entry_growing_the_file(r: &mut Raw, more: Vec<LogOp>) {
+    let size = r.len();
+    let bat = r.bat();
+    let mut bat_page = page(0);
+    bat_page.copy_from_slice(r.bytes(bat, 4096));
+    bat_page[..8].copy_from_slice(&(size | FULLY_PRESENT).to_le_bytes());
+    let mut ops = vec![
+        LogOp::Data {
+            file_offset: bat,
+            data: bat_page,
+        },
+        LogOp::Data {
+            file_offset: size,
+            data: page(0xab),
+        },
+    ];
+    ops.extend(more);
+    let entry = build_entry(LOG_GUID, 1, 0, size, size + 32 * MIB, &ops);
+    r.put_log_entry(0, &entry, LOG_GUID);
+}
+
 #[test]
 fn read_only_replay_matches_the_real_replay_when_the_log_extends_the_file() {
     // The log writes a page past the current end of the file and extends the file to
@@ -1888,28 +1912,7 @@ fn read_only_replay_matches_the_real_replay_when_the_log_extends_the_file() {
     let mut r = Raw::load(&p);
     let size = r.len();
     assert_eq!(size % MIB, 0);
-    let bat = r.bat();
-    let mut bat_page = page(0);
-    bat_page.copy_from_slice(r.bytes(bat, 4096));
-    bat_page[..8].copy_from_slice(&(size | FULLY_PRESENT).to_le_bytes());
-    let entry = build_entry(
-        LOG_GUID,
-        1,
-        0,
-        size,
-        size + 32 * MIB,
-        &[
-            LogOp::Data {
-                file_offset: bat,
-                data: bat_page,
-            },
-            LogOp::Data {
-                file_offset: size,
-                data: page(0xab),
-            },
-        ],
-    );
-    r.put_log_entry(0, &entry, LOG_GUID);
+    put_log_entry_growing_the_file(&mut r, vec![]);
     r.save();
     let copy = d.path().join("copy.vhdx");
     std::fs::copy(&p, &copy).unwrap();
@@ -1940,32 +1943,13 @@ fn real_replay_zeroes_what_an_earlier_change_wrote_past_the_end_of_the_file() {
     let p = ours_dynamic(d.path());
     let mut r = Raw::load(&p);
     let size = r.len();
-    let bat = r.bat();
-    let mut bat_page = page(0);
-    bat_page.copy_from_slice(r.bytes(bat, 4096));
-    bat_page[..8].copy_from_slice(&(size | FULLY_PRESENT).to_le_bytes());
-    let entry = build_entry(
-        LOG_GUID,
-        1,
-        0,
-        size,
-        size + 32 * MIB,
-        &[
-            LogOp::Data {
-                file_offset: bat,
-                data: bat_page,
-            },
-            LogOp::Data {
-                file_offset: size,
-                data: page(0xab),
-            },
-            LogOp::Zero {
-                file_offset: size,
-                length: 4096,
-            },
-        ],
+    put_log_entry_growing_the_file(
+        &mut r,
+        vec![LogOp::Zero {
+            file_offset: size,
+            length: 4096,
+        }],
     );
-    r.put_log_entry(0, &entry, LOG_GUID);
     r.save();
     let copy = d.path().join("copy.vhdx");
     std::fs::copy(&p, &copy).unwrap();

@@ -18,7 +18,7 @@ use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Output;
 
 use common::*;
 use rand::{Rng, SeedableRng};
@@ -28,32 +28,6 @@ use vhost_user_vhdx::vhdx::{Chain, ChainOptions, LogState, VhdxFile};
 const KIB: u64 = 1 << 10;
 const MIB: u64 = 1 << 20;
 const GIB: u64 = 1 << 30;
-
-fn s(p: &Path) -> &str {
-    p.to_str().expect("UTF-8 path")
-}
-
-/// Runs our binary, whatever the outcome.
-fn ours(args: &[&str]) -> Output {
-    Command::new(bin())
-        .args(args)
-        .output()
-        .expect("run vhost-user-vhdx")
-}
-
-/// Runs our binary; panics with its stderr unless it succeeds; returns stdout.
-fn ours_ok(args: &[&str]) -> String {
-    let out = ours(args);
-    assert!(
-        out.status.success(),
-        "`vhost-user-vhdx {}` failed ({}):\n{}{}",
-        args.join(" "),
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).expect("UTF-8 output")
-}
 
 fn stderr_line(out: &Output) -> String {
     let e = String::from_utf8_lossy(&out.stderr).into_owned();
@@ -77,12 +51,6 @@ fn our_convert(img: &Path, out: &Path, extra: &[&str]) {
     args.extend_from_slice(extra);
     args.extend([s(img), s(out)]);
     ours_ok(&args);
-}
-
-fn assert_same(a: &Path, b: &Path, what: &str) {
-    if let Err(e) = files_equal(a, b) {
-        panic!("{what}: {e}");
-    }
 }
 
 /// Reads `ranges` (sector-aligned) through `Chain::read_at` and compares them with a raw image.
@@ -187,8 +155,8 @@ fn clean_fixture_reads_like_the_peers(name: &str, virtual_size: u64, counts: &[(
     qemu_img_convert_raw(&img, &by_qemu);
     pyvhdi_read_raw(&by_libvhdi, &[&img]);
     assert!(!is_all_zero(&by_us), "{name}: we read only zeros");
-    assert_same(&by_us, &by_qemu, &format!("{name}: ours vs qemu-img"));
-    assert_same(&by_us, &by_libvhdi, &format!("{name}: ours vs pyvhdi"));
+    assert_files_equal(&by_us, &by_qemu, &format!("{name}: ours vs qemu-img"));
+    assert_files_equal(&by_us, &by_libvhdi, &format!("{name}: ours vs pyvhdi"));
 
     let chain = Chain::open(&img, &ChainOptions::default()).expect("open the fixture");
     spot_check(
@@ -320,15 +288,15 @@ fn fixture_with_dirty_log_reads_like_qemu_after_replay() {
 
     let by_us = dir.path().join("ours.raw");
     our_convert(&img, &by_us, &[]);
-    assert_same(
+    assert_files_equal(
         &by_us,
         &by_qemu,
         "dirty log: our in-memory replay vs qemu's replay",
     );
     let by_libvhdi = dir.path().join("pyvhdi-after-qemu-replay.raw");
     pyvhdi_read_raw(&by_libvhdi, &[&qemu_copy]);
-    assert_same(&by_libvhdi, &by_qemu, "pyvhdi on qemu's repaired copy");
-    assert_same(
+    assert_files_equal(&by_libvhdi, &by_qemu, "pyvhdi on qemu's repaired copy");
+    assert_files_equal(
         &img,
         &pristine,
         "info and convert must not modify a dirty file",
@@ -352,10 +320,10 @@ fn fixture_with_dirty_log_reads_like_qemu_after_replay() {
     );
     let qemu_of_ours = dir.path().join("qemu-of-ours.raw");
     qemu_img_convert_raw(&our_copy, &qemu_of_ours);
-    assert_same(&qemu_of_ours, &by_qemu, "qemu reading our replayed file");
+    assert_files_equal(&qemu_of_ours, &by_qemu, "qemu reading our replayed file");
     let libvhdi_of_ours = dir.path().join("pyvhdi-of-ours.raw");
     pyvhdi_read_raw(&libvhdi_of_ours, &[&our_copy]);
-    assert_same(
+    assert_files_equal(
         &libvhdi_of_ours,
         &by_qemu,
         "pyvhdi (no replay of its own) reading our replayed file",
@@ -397,22 +365,26 @@ fn model_of_writes(path: &Path, vsize: u64, writes: &[(u8, u64, u64)]) {
     }
 }
 
+/// qemu-io writes `(pattern, offset, length)` writes into the image.
+fn qemu_io_writes(img: &Path, writes: &[(u8, u64, u64)]) {
+    let cmds: Vec<String> = writes
+        .iter()
+        .map(|&(p, off, len)| Op::Write(p, off, len).command())
+        .collect();
+    let cmds: Vec<&str> = cmds.iter().map(String::as_str).collect();
+    qemu_io_ok(img, &cmds);
+}
+
 /// A qemu-made file, written by qemu-io, reads the same through our convert, qemu-img convert and
 /// the model; `Chain::read_at` agrees at odd offsets; our info states qemu's geometry.
 fn qemu_made_file_reads_identically(opts: &str, vsize: u64, block: u64, pyvhdi_too: bool) {
     let dir = tempdir("qemu-made-");
     let img = dir.path().join("disk.vhdx");
     let size = vsize.to_string();
-    qemu_img_ok(&["create", "-q", "-f", "vhdx", "-o", opts, s(&img), &size]);
+    qemu_img_create_vhdx(&img, &size, opts);
     let writes = qemu_writes(vsize, block);
-    let cmds: Vec<String> = writes
-        .iter()
-        .map(|(p, off, len)| format!("write -P {p:#04x} {off} {len}"))
-        .collect();
-    let cmds: Vec<&str> = cmds.iter().map(String::as_str).collect();
-    qemu_io_ok(&img, &cmds);
-    let (code, report) = qemu_img_check(&img);
-    assert_eq!(code, 0, "{opts}: qemu-img check after qemu-io:\n{report}");
+    qemu_io_writes(&img, &writes);
+    assert_qemu_img_check_clean(&img, &format!("{opts}: after qemu-io"));
 
     let info = our_info(&img, &[]);
     let qinfo: Value =
@@ -436,12 +408,12 @@ fn qemu_made_file_reads_identically(opts: &str, vsize: u64, block: u64, pyvhdi_t
     model_of_writes(&model, vsize, &writes);
     our_convert(&img, &by_us, &[]);
     qemu_img_convert_raw(&img, &by_qemu);
-    assert_same(&by_qemu, &model, &format!("{opts}: qemu-img vs the model"));
-    assert_same(&by_us, &model, &format!("{opts}: ours vs the model"));
+    assert_files_equal(&by_qemu, &model, &format!("{opts}: qemu-img vs the model"));
+    assert_files_equal(&by_us, &model, &format!("{opts}: ours vs the model"));
     if pyvhdi_too {
         let by_libvhdi = dir.path().join("pyvhdi.raw");
         pyvhdi_read_raw(&by_libvhdi, &[&img]);
-        assert_same(&by_libvhdi, &model, &format!("{opts}: pyvhdi vs the model"));
+        assert_files_equal(&by_libvhdi, &model, &format!("{opts}: pyvhdi vs the model"));
     }
 
     let chain = Chain::open(&img, &ChainOptions::default()).unwrap();
@@ -599,14 +571,8 @@ fn qemu_writes_into_files_made_by_our_create() {
         let opts = format!("subformat={sub},block_size={block}");
         ours_ok(&["create", "-q", "-o", &opts, s(&img), &vsize.to_string()]);
         let writes = qemu_writes(vsize, block);
-        let cmds: Vec<String> = writes
-            .iter()
-            .map(|(p, off, len)| format!("write -P {p:#04x} {off} {len}"))
-            .collect();
-        let cmds: Vec<&str> = cmds.iter().map(String::as_str).collect();
-        qemu_io_ok(&img, &cmds);
-        let (code, report) = qemu_img_check(&img);
-        assert_eq!(code, 0, "{what}: qemu-img check after qemu-io:\n{report}");
+        qemu_io_writes(&img, &writes);
+        assert_qemu_img_check_clean(&img, &format!("{what}: after qemu-io"));
         let model = dir.path().join("model.raw");
         let by_us = dir.path().join("ours.raw");
         let by_qemu = dir.path().join("qemu.raw");
@@ -616,8 +582,8 @@ fn qemu_writes_into_files_made_by_our_create() {
         model_of_writes(&model, vsize, &writes);
         our_convert(&img, &by_us, &[]);
         qemu_img_convert_raw(&img, &by_qemu);
-        assert_same(&by_qemu, &model, &format!("{what}: qemu vs model"));
-        assert_same(&by_us, &model, &format!("{what}: ours vs model"));
+        assert_files_equal(&by_qemu, &model, &format!("{what}: qemu vs model"));
+        assert_files_equal(&by_us, &model, &format!("{what}: ours vs model"));
     }
 }
 
@@ -787,16 +753,7 @@ fn differencing_chain_reads_like_pyvhdi_and_the_model() {
     let child2 = dir.path().join("child2.vhdx");
     let leaf = dir.path().join("leaf.vhdx");
 
-    qemu_img_ok(&[
-        "create",
-        "-q",
-        "-f",
-        "vhdx",
-        "-o",
-        "block_size=8M",
-        s(&base),
-        &vsize.to_string(),
-    ]);
+    qemu_img_create_vhdx(&base, &vsize.to_string(), "block_size=8M");
     let base_writes: Vec<(u8, u64, u64)> = vec![
         (0x11, 0, 12 * MIB),                // blocks 0 and half of 1
         (0x22, 20 * MIB + 512, 8 * MIB),    // unaligned, across 24M
@@ -805,12 +762,7 @@ fn differencing_chain_reads_like_pyvhdi_and_the_model() {
         (0x66, 4 * GIB + 8 * MIB, 3 * MIB), // falls through everything
         (0x44, vsize - 512, 512),           // the last sector
     ];
-    let cmds: Vec<String> = base_writes
-        .iter()
-        .map(|(p, off, len)| format!("write -P {p:#04x} {off} {len}"))
-        .collect();
-    let cmds: Vec<&str> = cmds.iter().map(String::as_str).collect();
-    qemu_io_ok(&base, &cmds);
+    qemu_io_writes(&base, &base_writes);
 
     ours_ok(&["create", "-q", "-b", s(&base), s(&child1)]);
     ours_ok(&[
@@ -907,7 +859,7 @@ fn differencing_chain_reads_like_pyvhdi_and_the_model() {
     let by_libvhdi = dir.path().join("pyvhdi.raw");
     our_convert(&leaf, &by_us, &[]);
     pyvhdi_read_raw(&by_libvhdi, &[&leaf, &child2, &child1, &base]);
-    assert_same(&by_us, &expected, "our convert vs the model");
+    assert_files_equal(&by_us, &expected, "our convert vs the model");
     // libvhdi deviates in one place: it reads a ZERO block of a differencing file from the
     // parent (here base's 0x55 at 100M), where MS-VHDX says it MUST read zeros (we do). Compare
     // pyvhdi with the model minus the ZERO block (the only all-zero model entry; stamped data is
@@ -920,7 +872,7 @@ fn differencing_chain_reads_like_pyvhdi_and_the_model() {
         .collect();
     assert_eq!(non_zero.len(), model.len() - 1);
     write_model(&libvhdi_model, vsize, &base_writes, &non_zero);
-    assert_same(
+    assert_files_equal(
         &by_libvhdi,
         &libvhdi_model,
         "pyvhdi vs the model (ZERO → parent)",
@@ -997,8 +949,8 @@ fn differencing_chain_with_4k_sectors_reads_like_pyvhdi() {
     let by_libvhdi = dir.path().join("pyvhdi.raw");
     our_convert(&leaf, &by_us, &[]);
     pyvhdi_read_raw(&by_libvhdi, &[&leaf, &child, &base]);
-    assert_same(&by_libvhdi, &expected, "pyvhdi vs the model (4K sectors)");
-    assert_same(&by_us, &expected, "our convert vs the model (4K sectors)");
+    assert_files_equal(&by_libvhdi, &expected, "pyvhdi vs the model (4K sectors)");
+    assert_files_equal(&by_us, &expected, "our convert vs the model (4K sectors)");
     let chain = Chain::open(&leaf, &ChainOptions::default()).unwrap();
     let mut ranges = Vec::new();
     for (off, data) in &model {
@@ -1021,16 +973,7 @@ fn parent_override_for_a_moved_parent() {
     std::fs::create_dir(&elsewhere).unwrap();
     let base = first.join("base.vhdx");
     let child = first.join("child.vhdx");
-    qemu_img_ok(&[
-        "create",
-        "-q",
-        "-f",
-        "vhdx",
-        "-o",
-        "block_size=1M",
-        s(&base),
-        "64M",
-    ]);
+    qemu_img_create_vhdx(&base, "64M", "block_size=1M");
     let base_writes = [(0x5a, 0, 3 * MIB), (0x5b, 40 * MIB + 512, 4 * KIB)];
     qemu_io_ok(&base, &["write -P 0x5a 0 3M", "write -P 0x5b 41943552 4k"]);
     ours_ok(&["create", "-q", "-b", s(&base), s(&child)]);
@@ -1083,21 +1026,12 @@ fn parent_override_for_a_moved_parent() {
     our_convert(&child, &out_raw, &["--parent", s(&moved)]);
     let by_libvhdi = dir.path().join("pyvhdi.raw");
     pyvhdi_read_raw(&by_libvhdi, &[&child, &moved]);
-    assert_same(&by_libvhdi, &expected, "pyvhdi with the moved parent");
-    assert_same(&out_raw, &expected, "convert --parent");
+    assert_files_equal(&by_libvhdi, &expected, "pyvhdi with the moved parent");
+    assert_files_equal(&out_raw, &expected, "convert --parent");
 
     // With the wrong file: same size and geometry, different DataWriteGuid.
     let wrong = elsewhere.join("other.vhdx");
-    qemu_img_ok(&[
-        "create",
-        "-q",
-        "-f",
-        "vhdx",
-        "-o",
-        "block_size=1M",
-        s(&wrong),
-        "64M",
-    ]);
+    qemu_img_create_vhdx(&wrong, "64M", "block_size=1M");
     let out_raw2 = dir.path().join("out2.raw");
     for args in [
         vec!["info", "--parent", s(&wrong), s(&child)],

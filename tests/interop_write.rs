@@ -12,7 +12,6 @@ mod common;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 
 use common::*;
 use rand::rngs::StdRng;
@@ -20,49 +19,6 @@ use rand::{Rng, SeedableRng};
 use serde_json::Value;
 
 const MIB: u64 = 1 << 20;
-
-fn s(p: &Path) -> &str {
-    p.to_str().expect("UTF-8 path")
-}
-
-fn ours(args: &[&str]) -> Output {
-    Command::new(bin())
-        .args(args)
-        .output()
-        .expect("run vhost-user-vhdx")
-}
-
-fn ours_ok(args: &[&str]) -> String {
-    let out = ours(args);
-    assert!(
-        out.status.success(),
-        "`vhost-user-vhdx {}` exited with {}\n--- stdout ---\n{}--- stderr ---\n{}",
-        args.join(" "),
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-#[derive(Clone, Copy, Debug)]
-enum Op {
-    Write(u8, u64, u64),
-    Zero(u64, u64),
-    Discard(u64, u64),
-    Flush,
-}
-
-impl Op {
-    fn command(&self) -> String {
-        match *self {
-            Op::Write(p, off, len) => format!("write -P {p:#04x} {off} {len}"),
-            Op::Zero(off, len) => format!("write -z {off} {len}"),
-            Op::Discard(off, len) => format!("discard {off} {len}"),
-            Op::Flush => "flush".into(),
-        }
-    }
-}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Writer {
@@ -201,17 +157,6 @@ fn qemu_round(img: &Path, model: &mut Model, ops: &[Op]) {
     }
 }
 
-fn assert_same(a: &Path, b: &Path, what: &str) {
-    if let Err(e) = files_equal(a, b) {
-        panic!("{what}: {e}");
-    }
-}
-
-fn qemu_check_clean(img: &Path, what: &str) {
-    let (code, text) = qemu_img_check(img);
-    assert_eq!(code, 0, "{what}: qemu-img check:\n{text}");
-}
-
 fn our_check_clean(img: &Path, what: &str) {
     let out = ours(&["check", s(img)]);
     assert!(
@@ -245,20 +190,20 @@ fn verify_all(dir: &Path, chain: &[&Path], model: &Model, what: &str) {
     let expected = dir.join("expected.raw");
     model.write_raw(&expected);
     if chain.len() == 1 && model.sector == 512 {
-        qemu_check_clean(img, what);
+        assert_qemu_img_check_clean(img, what);
         qemu_compare(img, &expected, what);
         let by_qemu = dir.join("qemu.raw");
         qemu_img_convert_raw(img, &by_qemu);
-        assert_same(&by_qemu, &expected, &format!("{what}: qemu-img convert"));
+        assert_files_equal(&by_qemu, &expected, &format!("{what}: qemu-img convert"));
     }
     let by_libvhdi = dir.join("pyvhdi.raw");
     pyvhdi_read_raw(&by_libvhdi, chain);
-    assert_same(&by_libvhdi, &expected, &format!("{what}: pyvhdi"));
+    assert_files_equal(&by_libvhdi, &expected, &format!("{what}: pyvhdi"));
     our_check_clean(img, what);
     let by_us = dir.join("ours.raw");
     let _ = std::fs::remove_file(&by_us);
     ours_ok(&["convert", "-q", s(img), s(&by_us)]);
-    assert_same(&by_us, &expected, &format!("{what}: our convert"));
+    assert_files_equal(&by_us, &expected, &format!("{what}: our convert"));
 }
 
 /// qemu and we both see the model (a single non-differencing 512-byte-sector file). A fixed
@@ -266,10 +211,10 @@ fn verify_all(dir: &Path, chain: &[&Path], model: &Model, what: &str) {
 fn verify_both(dir: &Path, img: &Path, model: &Model, fixed: bool, what: &str) {
     let expected = dir.join("expected.raw");
     model.write_raw(&expected);
-    qemu_check_clean(img, what);
+    assert_qemu_img_check_clean(img, what);
     let by_qemu = dir.join("qemu.raw");
     qemu_img_convert_raw(img, &by_qemu);
-    assert_same(&by_qemu, &expected, &format!("{what}: qemu-img convert"));
+    assert_files_equal(&by_qemu, &expected, &format!("{what}: qemu-img convert"));
     our_check_clean(img, what);
     if fixed {
         let len = std::fs::metadata(img).unwrap().len();
@@ -279,7 +224,7 @@ fn verify_both(dir: &Path, img: &Path, model: &Model, fixed: bool, what: &str) {
     let by_us = dir.join("ours.raw");
     let _ = std::fs::remove_file(&by_us);
     ours_ok(&["convert", "-q", s(img), s(&by_us)]);
-    assert_same(&by_us, &expected, &format!("{what}: our convert"));
+    assert_files_equal(&by_us, &expected, &format!("{what}: our convert"));
 }
 
 /// A file we create and write in three sessions of random writes, write-zeroes, discards
@@ -301,7 +246,7 @@ fn our_writes_read_by_every_peer(subformat: &str, block: u64, sector: u64, seed:
         let ops = model.random_ops(&mut rng, 40);
         our_round(&img, &mut model, &ops);
         if sector == 512 {
-            qemu_check_clean(&img, &format!("{what}, session {session}"));
+            assert_qemu_img_check_clean(&img, &format!("{what}, session {session}"));
         }
     }
     // Whole-disk operations at the end: the whole disk zeroed, then written again in part.
@@ -417,7 +362,7 @@ fn alternate(
     model.write_raw(&expected);
     let by_libvhdi = dir.join("pyvhdi.raw");
     pyvhdi_read_raw(&by_libvhdi, &[img]);
-    assert_same(
+    assert_files_equal(
         &by_libvhdi,
         &expected,
         &format!("{what}: pyvhdi at the end"),
@@ -471,23 +416,14 @@ fn we_write_into_qemu_file(opts: &str, seed: u64) {
     let dir = tempdir("interop-alt-qemu-");
     let img = dir.path().join("qemu.vhdx");
     let size = 24 * MIB;
-    qemu_img_ok(&[
-        "create",
-        "-q",
-        "-f",
-        "vhdx",
-        "-o",
-        opts,
-        s(&img),
-        &size.to_string(),
-    ]);
+    qemu_img_create_vhdx(&img, &size.to_string(), opts);
     let mut model = Model::new(size, MIB, 512);
     let fixed = opts.contains("fixed");
     // A new qemu file: qemu reads zeros and finds no error. qemu leaves 4 MiB past its
     // metadata for "future expansion" that nothing will use (it allocates at the end of the
     // file): unless the preallocated blocks of a fixed file follow, our check calls that a
     // leak (exit 3) until our first session trims it.
-    qemu_check_clean(&img, opts);
+    assert_qemu_img_check_clean(&img, opts);
     let out = ours(&["check", s(&img)]);
     let report = String::from_utf8_lossy(&out.stdout);
     if opts.contains("block_state_zero=off") {
@@ -572,7 +508,7 @@ fn differencing_chain_written_at_every_level() {
         }
         frozen.push(std::fs::read(&paths[level]).unwrap());
     }
-    qemu_check_clean(&paths[0], "the base");
+    assert_qemu_img_check_clean(&paths[0], "the base");
 }
 
 /// Blocks of `size` bytes (the last may be short) that hold a non-zero byte.
@@ -630,16 +566,16 @@ fn convert_sparse_raw_to_vhdx_and_back() {
         }
         args.extend([s(&input), s(&out)]);
         ours_ok(&args);
-        qemu_check_clean(&out, &what);
+        assert_qemu_img_check_clean(&out, &what);
         qemu_compare(&out, &input, &what);
         let by_libvhdi = d.join("pyvhdi.raw");
         pyvhdi_read_raw(&by_libvhdi, &[&out]);
-        assert_same(&by_libvhdi, &input, &format!("{what}: pyvhdi"));
+        assert_files_equal(&by_libvhdi, &input, &format!("{what}: pyvhdi"));
         our_check_clean(&out, &what);
         let back = d.join("back.raw");
         let _ = std::fs::remove_file(&back);
         ours_ok(&["convert", "-q", s(&out), s(&back)]);
-        assert_same(&back, &input, &format!("{what}: converted back to raw"));
+        assert_files_equal(&back, &input, &format!("{what}: converted back to raw"));
 
         let info: Value =
             serde_json::from_str(&ours_ok(&["info", "--output", "json", s(&out)])).unwrap();

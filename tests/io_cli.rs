@@ -4,34 +4,13 @@
 mod common;
 
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Output;
 
 use common::*;
 
 const MIB: u64 = 1 << 20;
 /// Virtual size of the test images.
 const SIZE: u64 = 16 * MIB;
-
-fn s(p: &Path) -> &str {
-    p.to_str().expect("UTF-8 path")
-}
-
-fn ours(args: &[&str]) -> Output {
-    Command::new(bin())
-        .args(args)
-        .output()
-        .expect("run vhost-user-vhdx")
-}
-
-fn describe(args: &[&str], out: &Output) -> String {
-    format!(
-        "`vhost-user-vhdx {}` exited with {}\n--- stdout ---\n{}--- stderr ---\n{}",
-        args.join(" "),
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
 
 /// `vhost-user-vhdx io [extra...] -c CMD... IMG`.
 fn io(img: &Path, extra: &[&str], cmds: &[&str]) -> (Vec<String>, Output) {
@@ -48,7 +27,7 @@ fn io(img: &Path, extra: &[&str], cmds: &[&str]) -> (Vec<String>, Output) {
 fn io_ok(img: &Path, cmds: &[&str]) -> String {
     let (args, out) = io(img, &[], cmds);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    assert!(out.status.success(), "{}", describe(&args, &out));
+    assert!(out.status.success(), "{}", describe_ours(&args, &out));
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
@@ -56,8 +35,7 @@ fn io_ok(img: &Path, cmds: &[&str]) -> String {
 /// its second MiB.
 fn image(dir: &Path, name: &str) -> std::path::PathBuf {
     let img = dir.join(name);
-    let out = ours(&["create", "-q", "-o", "block_size=1M", s(&img), "16M"]);
-    assert!(out.status.success(), "{}", describe(&["create"], &out));
+    ours_ok(&["create", "-q", "-o", "block_size=1M", s(&img), "16M"]);
     io_ok(&img, &["write -P 0x11 0 64k", "write -P 0x22 1M 1M"]);
     img
 }
@@ -73,7 +51,7 @@ fn refused(img: &Path, extra: &[&str], cmds: &[&str]) -> String {
     let before = bytes(img);
     let (args, out) = io(img, extra, cmds);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let what = describe(&args, &out);
+    let what = describe_ours(&args, &out);
     assert_eq!(out.status.code(), Some(1), "{what}");
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(err.trim_end().lines().count(), 1, "one line: {what}");
@@ -137,11 +115,11 @@ fn output_lines_are_qemu_io_lines() {
     // -q prints nothing.
     let (args, out) = io(&img, &["-q"], &["write -P 1 0 512", "read -P 1 0 512"]);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    assert!(out.status.success(), "{}", describe(&args, &out));
+    assert!(out.status.success(), "{}", describe_ours(&args, &out));
     assert!(
         out.stdout.is_empty() && out.stderr.is_empty(),
         "{}",
-        describe(&args, &out)
+        describe_ours(&args, &out)
     );
 }
 
@@ -159,7 +137,7 @@ fn pattern_mismatch_fails_but_later_commands_run() {
         ],
     );
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let what = describe(&args, &out);
+    let what = describe_ours(&args, &out);
     assert_eq!(out.status.code(), Some(1), "{what}");
     let err = String::from_utf8_lossy(&out.stderr);
     let failures: Vec<&str> = err

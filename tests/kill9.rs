@@ -17,7 +17,7 @@ mod common;
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
@@ -31,38 +31,8 @@ const SIZE: u64 = 64 * MIB;
 const BLOCK: u64 = MIB;
 const PAGE: u64 = 4096;
 
-fn s(p: &Path) -> &str {
-    p.to_str().expect("UTF-8 path")
-}
-
-/// Kills (SIGKILL) and reaps the child when dropped, so a failing test leaves no process.
-struct Guard(Child);
-
-impl Drop for Guard {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Op {
-    Write(u8, u64, u64),
-    Zero(u64, u64),
-    Discard(u64, u64),
-    Flush,
-}
-
+// What an op does to the disk (its command line is common's `Op::command`).
 impl Op {
-    fn command(&self) -> String {
-        match *self {
-            Op::Write(p, off, len) => format!("write -P {p:#04x} {off} {len}"),
-            Op::Zero(off, len) => format!("write -z {off} {len}"),
-            Op::Discard(off, len) => format!("discard {off} {len}"),
-            Op::Flush => "flush".into(),
-        }
-    }
-
     /// The value each page of the op's range has afterwards (`None`: unchanged), page by page.
     fn effect(&self) -> Vec<(u64, u8)> {
         let pages =
@@ -206,7 +176,7 @@ fn run_and_kill(img: &Path, ops: &[Op], kill: Kill) -> Progress {
         cmd.arg("-c").arg(op.command());
     }
     cmd.arg(img).stdout(Stdio::piped()).stderr(Stdio::piped());
-    let mut guard = Guard(cmd.spawn().expect("start vhost-user-vhdx io"));
+    let mut guard = KillOnDrop(cmd.spawn().expect("start vhost-user-vhdx io"));
     let stdout = guard.0.stdout.take().unwrap();
     let (tx, rx) = mpsc::channel();
     let reader = std::thread::spawn(move || {
@@ -261,13 +231,6 @@ fn run_and_kill(img: &Path, ops: &[Op], kill: Kill) -> Progress {
     progress(ops, op_lines, status.success())
 }
 
-fn ours(args: &[&str]) -> std::process::Output {
-    Command::new(bin())
-        .args(args)
-        .output()
-        .expect("run vhost-user-vhdx")
-}
-
 fn ours_code(args: &[&str]) -> (Option<i32>, String) {
     let out = ours(args);
     let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
@@ -276,8 +239,7 @@ fn ours_code(args: &[&str]) -> (Option<i32>, String) {
 }
 
 fn both_checks_clean(img: &Path, what: &str) {
-    let (code, text) = qemu_img_check(img);
-    assert_eq!(code, 0, "{what}: qemu-img check:\n{text}");
+    assert_qemu_img_check_clean(img, what);
     let (code, text) = ours_code(&["check", s(img)]);
     assert_eq!(code, Some(0), "{what}: our check:\n{text}");
 }
@@ -287,8 +249,7 @@ fn both_checks_clean(img: &Path, what: &str) {
 /// leaves that length alone, and qemu-img check looks for no leaks in VHDX, but ours reports
 /// the space past the last structure as leaked, and nothing else; `-r leaks` trims it.
 fn clean_but_for_the_grown_tail(img: &Path, what: &str) {
-    let (code, text) = qemu_img_check(img);
-    assert_eq!(code, 0, "{what}: qemu-img check:\n{text}");
+    assert_qemu_img_check_clean(img, what);
     let (code, text) = ours_code(&["check", s(img)]);
     assert!(
         code == Some(0)

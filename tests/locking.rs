@@ -12,32 +12,11 @@ mod common;
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
 use vhost_user_vhdx::vhdx::{Chain, ChainError, ChainOptions, Error};
-
-fn s(p: &Path) -> &str {
-    p.to_str().expect("UTF-8 path")
-}
-
-/// Kills (SIGKILL) and reaps the child when dropped, so no process outlives the test.
-struct Guard(Child);
-
-impl Drop for Guard {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn ours(args: &[&str]) -> Output {
-    Command::new(bin())
-        .args(args)
-        .output()
-        .expect("run vhost-user-vhdx")
-}
 
 fn text(out: &Output) -> String {
     format!(
@@ -59,12 +38,6 @@ fn refused_for_a_lock(args: &[&str]) -> String {
     err
 }
 
-fn ours_ok(args: &[&str]) -> String {
-    let out = ours(args);
-    assert!(out.status.success(), "{args:?}: {}", text(&out));
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
 /// qemu's failure to open because of a lock: exit 1 and its "Failed to get ... lock" line.
 fn qemu_refused_for_a_lock(program: &str, out: &Output, what: &str) {
     let err = String::from_utf8_lossy(&out.stderr);
@@ -80,10 +53,7 @@ fn qemu_io_args(img: &Path, args: &[&str]) -> Output {
     let mut all = vec!["-f", "vhdx"];
     all.extend_from_slice(args);
     all.push(s(img));
-    Command::new("qemu-io")
-        .args(&all)
-        .output()
-        .expect("run qemu-io")
+    run("qemu-io", &all)
 }
 
 /// Retries `f` for a moment while it fails: a child that another test thread forks while we
@@ -119,7 +89,7 @@ fn new_image(dir: &Path, name: &str) -> PathBuf {
 /// Starts qemu-storage-daemon with the image as a vhdx blockdev over a file blockdev with
 /// locking on, exported writable over NBD on a unix socket; returns once the socket exists
 /// (the blockdevs, and so their locks, come first).
-fn storage_daemon(img: &Path, sock: &Path, read_only: bool) -> Guard {
+fn storage_daemon(img: &Path, sock: &Path, read_only: bool) -> KillOnDrop {
     let file = format!(
         "driver=file,node-name=f,filename={},locking=on{}",
         s(img),
@@ -133,7 +103,7 @@ fn storage_daemon(img: &Path, sock: &Path, read_only: bool) -> Guard {
         "type=nbd,id=e,node-name=d,writable={}",
         if read_only { "off" } else { "on" }
     );
-    let mut guard = Guard(
+    let mut guard = KillOnDrop(
         Command::new("qemu-storage-daemon")
             .args(["--blockdev", &file, "--blockdev", &vhdx])
             .args([
@@ -147,21 +117,17 @@ fn storage_daemon(img: &Path, sock: &Path, read_only: bool) -> Guard {
             .spawn()
             .expect("start qemu-storage-daemon (install qemu-system or qemu-utils 10)"),
     );
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !sock.exists() {
-        if let Ok(Some(status)) = guard.0.try_wait() {
+    match wait_for_path(&mut guard.0, sock, Duration::from_secs(20)) {
+        Ok(()) => guard,
+        Err(PathNotCreated::Exited(status)) => {
             let mut err = String::new();
             let _ = guard.0.stderr.take().unwrap().read_to_string(&mut err);
             panic!("qemu-storage-daemon exited with {status}: {err}");
         }
-        assert!(
-            Instant::now() < deadline,
-            "qemu-storage-daemon did not create {}",
-            sock.display()
-        );
-        std::thread::sleep(Duration::from_millis(20));
+        Err(PathNotCreated::TimedOut) => {
+            panic!("qemu-storage-daemon did not create {}", sock.display())
+        }
     }
-    guard
 }
 
 #[test]

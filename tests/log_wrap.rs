@@ -8,7 +8,6 @@
 mod common;
 
 use vhost_user_vhdx::vhdx::create::{self, CreateOptions};
-use vhost_user_vhdx::vhdx::{Chain, ChainOptions};
 
 const MIB: u64 = 1 << 20;
 
@@ -24,14 +23,7 @@ fn wrap_case(entries: u64) {
         },
     )
     .unwrap();
-    let chain = Chain::open(
-        &img,
-        &ChainOptions {
-            writable: true,
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    let chain = common::open_writable(&img);
     // Every write allocates a block, every flush commits one small log entry.
     for i in 0..entries {
         chain
@@ -45,23 +37,9 @@ fn wrap_case(entries: u64) {
     let qemu = dir.path().join("qemu.raw");
     let copy = dir.path().join("q.vhdx");
     std::fs::copy(&img, &copy).unwrap();
-    common::qemu_img_ok(&["check", "-r", "all", "-f", "vhdx", copy.to_str().unwrap()]);
+    common::qemu_img_ok(&["check", "-r", "all", "-f", "vhdx", common::s(&copy)]);
     common::qemu_img_convert_raw(&copy, &qemu);
-    let out = std::process::Command::new(common::bin())
-        .args([
-            "convert",
-            "-O",
-            "raw",
-            img.to_str().unwrap(),
-            ours.to_str().unwrap(),
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    common::ours_ok(&["convert", "-O", "raw", common::s(&img), common::s(&ours)]);
     common::files_equal(&ours, &qemu).unwrap();
     for i in 0..entries {
         let got = common::read_at(&ours, i * MIB, 4096);

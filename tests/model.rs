@@ -13,7 +13,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use vhost_user_vhdx::vhdx::check::{self, Repair};
 use vhost_user_vhdx::vhdx::create::{self, CreateOptions, Subformat};
-use vhost_user_vhdx::vhdx::{Chain, ChainError, ChainOptions};
+use vhost_user_vhdx::vhdx::Chain;
 
 const MIB: u64 = 1 << 20;
 
@@ -32,26 +32,6 @@ struct Case {
     block: u64,
     ops: usize,
     seed: u64,
-}
-
-fn open_rw(path: &Path) -> Chain {
-    let options = ChainOptions {
-        writable: true,
-        ..Default::default()
-    };
-    // Other tests in this process spawn qemu-img and python; a child between fork and exec
-    // still shares our just-closed file (and its OFD lock) for a moment. Wait that out.
-    for _ in 0..100 {
-        match Chain::open(path, &options) {
-            Err(vhost_user_vhdx::vhdx::Error::Chain(ChainError::Open { source, .. }))
-                if matches!(*source, vhost_user_vhdx::vhdx::Error::Locked(_)) =>
-            {
-                std::thread::sleep(std::time::Duration::from_millis(20))
-            }
-            other => return other.unwrap_or_else(|e| panic!("open {}: {e}", path.display())),
-        }
-    }
-    panic!("{} stayed locked", path.display())
 }
 
 struct Harness {
@@ -186,14 +166,14 @@ impl Harness {
             // Abandoned without a clean close: the log stays set and the next open replays it.
             drop(chain);
         }
-        self.chain = Some(open_rw(&self.path));
+        self.chain = Some(common::open_writable(&self.path));
         self.verify_all();
     }
 }
 
 /// Writes random data into a new file through the engine; returns its content.
 fn fill_parent(path: &Path, size: u64, sector: u64, rng: &mut StdRng, model: &mut [u8]) {
-    let chain = open_rw(path);
+    let chain = common::open_writable(path);
     for _ in 0..40 {
         let len = rng.gen_range(1..=(3 * MIB / sector)) * sector;
         let off = rng.gen_range(0..=(size - len) / 4096) * 4096;
@@ -251,7 +231,7 @@ fn run(case: Case) {
         size,
         model,
         path: leaf.clone(),
-        chain: Some(open_rw(&leaf)),
+        chain: Some(common::open_writable(&leaf)),
         step: 0,
     };
     h.verify_all();

@@ -6,9 +6,19 @@
 mod common;
 
 use common::*;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 const GIB: u64 = 1 << 30;
+
+/// The image's media as qemu-img convert and as pyvhdi read it: raw files `qemu.raw` and
+/// `pyvhdi.raw` in `dir`.
+fn read_by_both_peers(dir: &Path, img: &Path) -> (PathBuf, PathBuf) {
+    let by_qemu = dir.join("qemu.raw");
+    let by_libvhdi = dir.join("pyvhdi.raw");
+    qemu_img_convert_raw(img, &by_qemu);
+    pyvhdi_read_raw(&by_libvhdi, &[img]);
+    (by_qemu, by_libvhdi)
+}
 
 /// qemu-img and pyvhdi read the same media from a clean fixture; pyvhdi sees what the fixture
 /// README says (dynamic disk, 512-byte logical sectors, the stated size).
@@ -38,10 +48,7 @@ fn peers_agree_on_clean_fixture(name: &str, virtual_size: u64) {
         "{name}: has no parent; info: {info}"
     );
 
-    let by_qemu = dir.path().join("qemu.raw");
-    let by_libvhdi = dir.path().join("pyvhdi.raw");
-    qemu_img_convert_raw(&img, &by_qemu);
-    pyvhdi_read_raw(&by_libvhdi, &[&img]);
+    let (by_qemu, by_libvhdi) = read_by_both_peers(dir.path(), &img);
     assert!(
         !is_all_zero(&by_qemu),
         "{name}: qemu-img read only zeros from a fixture with data"
@@ -124,17 +131,7 @@ fn pyvhdi_ignores_dirty_log_and_qemu_replays_it() {
 fn peers_agree_on_qemu_written_image() {
     let dir = tempdir("qemu-made-");
     let img = dir.path().join("disk.vhdx");
-    let img_str = img.to_str().unwrap();
-    qemu_img_ok(&[
-        "create",
-        "-q",
-        "-f",
-        "vhdx",
-        "-o",
-        "block_size=1M",
-        img_str,
-        "64M",
-    ]);
+    qemu_img_create_vhdx(&img, "64M", "block_size=1M");
     qemu_io_ok(&img, &["write -P 0xab 0 1M", "write -P 0xcd 40961k 4k"]);
     let (code, report) = qemu_img_check(&img);
     assert_eq!(code, 0, "qemu-img check after qemu-io writes:\n{report}");
@@ -146,10 +143,7 @@ fn peers_agree_on_qemu_written_image() {
         "pyvhdi media_size; info: {info}"
     );
 
-    let by_qemu = dir.path().join("qemu.raw");
-    let by_libvhdi = dir.path().join("pyvhdi.raw");
-    qemu_img_convert_raw(&img, &by_qemu);
-    pyvhdi_read_raw(&by_libvhdi, &[&img]);
+    let (by_qemu, by_libvhdi) = read_by_both_peers(dir.path(), &img);
     assert_eq!(
         read_at(&by_libvhdi, 0, 1 << 20),
         vec![0xab; 1 << 20],

@@ -9,6 +9,8 @@
 //! `process_queue`), including indirect tables, descriptor loops and bogus ring indices.
 //! The config space, the feature bits and `set_config` are checked through `BlockBackend`.
 
+mod common;
+
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -117,10 +119,7 @@ fn device() -> Dev {
 }
 
 fn device_with(s: Setup) -> Dev {
-    let dir = tempfile::Builder::new()
-        .prefix("vhdx-test-virtio-")
-        .tempdir()
-        .unwrap();
+    let dir = common::tempdir("virtio-");
     let path = dir.path().join("disk.vhdx");
     create(
         &path,
@@ -133,14 +132,7 @@ fn device_with(s: Setup) -> Dev {
     )
     .unwrap();
     if s.prefill {
-        let chain = Chain::open(
-            &path,
-            &ChainOptions {
-                writable: true,
-                ..Default::default()
-            },
-        )
-        .unwrap();
+        let chain = common::open_writable(&path);
         chain.write_at(&pattern(0, 2 * MIB as usize), 0).unwrap();
         let tail = s.virtual_size - MIB;
         chain.write_at(&pattern(tail, MIB as usize), tail).unwrap();
@@ -1083,24 +1075,42 @@ fn discard_range_past_capacity_changes_nothing() {
     d.assert_serving();
 }
 
-#[test]
-fn discard_with_flags_is_unsupported() {
-    let d = device();
+/// A `kind` request whose range `first` has any of `flags` is UNSUPP, and so is one with `first`
+/// unflagged followed by `second` flagged; the device keeps serving and the file is unchanged.
+fn assert_flags_unsupported(
+    d: &Dev,
+    kind: u32,
+    flags: &[u32],
+    first: (u64, u32),
+    second: (u64, u32),
+) {
     let before = d.file_bytes();
-    for flags in [1u32, 2, 0x8000_0000, u32::MAX] {
+    for &flags in flags {
         assert_eq!(
-            d.ranges_req(VIRTIO_BLK_T_DISCARD, &[(0, 2048, flags)]),
+            d.ranges_req(kind, &[(first.0, first.1, flags)]),
             (1, UNSUPP),
             "flags {flags:#x}"
         );
-        // A flagged range after a good one: nothing is discarded either.
+        // A flagged range after a good one: nothing is done either.
         assert_eq!(
-            d.ranges_req(VIRTIO_BLK_T_DISCARD, &[(0, 2048, 0), (2048, 2048, flags)]),
+            d.ranges_req(kind, &[(first.0, first.1, 0), (second.0, second.1, flags)]),
             (1, UNSUPP)
         );
         d.assert_serving();
     }
     assert_eq!(d.file_bytes(), before);
+}
+
+#[test]
+fn discard_with_flags_is_unsupported() {
+    let d = device();
+    assert_flags_unsupported(
+        &d,
+        VIRTIO_BLK_T_DISCARD,
+        &[1, 2, 0x8000_0000, u32::MAX],
+        (0, 2048),
+        (2048, 2048),
+    );
 }
 
 #[test]
@@ -1149,20 +1159,13 @@ fn write_zeroes_flags() {
     assert_eq!(d.disk(16 * 512, 512), pattern(16 * 512, 512));
     d.assert_serving();
     // Unknown flag bits: UNSUPP, nothing zeroed.
-    let before = d.file_bytes();
-    for flags in [2u32, 3, 0x100, 0x8000_0001, u32::MAX] {
-        assert_eq!(
-            d.ranges_req(VIRTIO_BLK_T_WRITE_ZEROES, &[(100, 8, flags)]),
-            (1, UNSUPP),
-            "flags {flags:#x}"
-        );
-        assert_eq!(
-            d.ranges_req(VIRTIO_BLK_T_WRITE_ZEROES, &[(100, 8, 0), (200, 8, flags)]),
-            (1, UNSUPP)
-        );
-        d.assert_serving();
-    }
-    assert_eq!(d.file_bytes(), before);
+    assert_flags_unsupported(
+        &d,
+        VIRTIO_BLK_T_WRITE_ZEROES,
+        &[2, 3, 0x100, 0x8000_0001, u32::MAX],
+        (100, 8),
+        (200, 8),
+    );
     assert_eq!(d.disk(100 * 512, 4096), pattern(100 * 512, 4096));
 }
 

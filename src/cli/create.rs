@@ -106,13 +106,7 @@ pub fn run(args: CreateArgs) -> CliResult<ExitCode> {
             f.metadata.block_size,
             f.headers.current.log_length,
             f.logical_sector_size(),
-            if f.is_differencing() {
-                "differencing"
-            } else if f.metadata.leave_block_allocated {
-                "fixed"
-            } else {
-                "dynamic"
-            }
+            super::info::subformat(&f)
         );
         if let Some(p) = &args.parent {
             line.push_str(&format!(" backing_file={}", p.display()));

@@ -84,6 +84,7 @@ pub struct LogFacts {
     pub replayed_entries: usize,
 }
 
+/// The subformat as `info` and `create` print it: differencing, fixed or dynamic.
 pub fn subformat(f: &VhdxFile) -> &'static str {
     if f.is_differencing() {
         "differencing"

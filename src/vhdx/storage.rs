@@ -11,6 +11,8 @@ use std::io;
 use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 
+use nix::fcntl::{fallocate, FallocateFlags};
+
 /// Positioned I/O on a file-like object. All methods take `&self` so that queues can use the
 /// same file from several threads without a shared file offset.
 #[allow(clippy::len_without_is_empty)] // a file length, not a collection
@@ -57,6 +59,22 @@ pub fn write_zeroes_by_writing<S: Storage + ?Sized>(
     Ok(())
 }
 
+/// `fallocate(mode | FALLOC_FL_KEEP_SIZE)` of `[offset, offset + len)` if that range is not
+/// empty and lies inside the file. `Ok(false)` when it was not tried or the filesystem refused
+/// it: the caller then writes instead.
+fn fallocate_inside(file: &File, mode: FallocateFlags, offset: u64, len: u64) -> io::Result<bool> {
+    if len == 0 || offset.saturating_add(len) > Storage::len(file)? {
+        return Ok(false);
+    }
+    let r = fallocate(
+        file,
+        mode | FallocateFlags::FALLOC_FL_KEEP_SIZE,
+        offset as i64,
+        len as i64,
+    );
+    Ok(r.is_ok())
+}
+
 impl Storage for File {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
         let mut done = 0;
@@ -92,40 +110,20 @@ impl Storage for File {
     }
 
     fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()> {
-        use nix::fcntl::{fallocate, FallocateFlags};
         if len == 0 {
             return Ok(());
         }
         // Zeroing by the filesystem keeps the space allocated without writing it; where it is
         // not supported (or the range extends the file), write the zeros.
-        let end = offset.saturating_add(len);
-        if end <= Storage::len(self)? {
-            let r = fallocate(
-                self,
-                FallocateFlags::FALLOC_FL_ZERO_RANGE | FallocateFlags::FALLOC_FL_KEEP_SIZE,
-                offset as i64,
-                len as i64,
-            );
-            if r.is_ok() {
-                return Ok(());
-            }
+        if fallocate_inside(self, FallocateFlags::FALLOC_FL_ZERO_RANGE, offset, len)? {
+            return Ok(());
         }
         write_zeroes_by_writing(self, offset, len)
     }
 
     fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
-        use nix::fcntl::{fallocate, FallocateFlags};
-        let end = offset.saturating_add(len);
-        if len > 0 && end <= Storage::len(self)? {
-            let r = fallocate(
-                self,
-                FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE,
-                offset as i64,
-                len as i64,
-            );
-            if r.is_ok() {
-                return Ok(());
-            }
+        if fallocate_inside(self, FallocateFlags::FALLOC_FL_PUNCH_HOLE, offset, len)? {
+            return Ok(());
         }
         Storage::write_zeroes(self, offset, len)
     }
