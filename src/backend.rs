@@ -221,24 +221,15 @@ impl BlockDevice {
     /// as it is done, in whatever order they finish: virtio lets a device complete requests
     /// out of order, and a driver orders dependent requests itself (a guest issues a flush
     /// only after the writes it covers have completed).
+    ///
+    /// When this thread finds nothing left to take, it takes what the driver has added since
+    /// as the next batch at once, rather than wait for the helpers' last requests first: the
+    /// driver refills the ring as requests complete, and a core idle at each batch's end cost
+    /// about a tenth of the throughput. At most two batches are live; all are done on return.
     fn run_batch(&self, vring: &Vring, atomic: &GuestMemoryType, first: Popped) -> io::Result<()> {
-        let mut batch = VecDeque::from([first]);
-        while let Some((chain, mem)) = Self::pop(vring, atomic) {
-            batch.push_back(Popped {
-                head: chain.head_index(),
-                descs: chain
-                    .map(|d| Descriptor {
-                        addr: d.addr(),
-                        len: d.len(),
-                        writable: d.is_write_only(),
-                    })
-                    .collect(),
-                mem: mem.into_inner(),
-            });
-        }
         let requests = Arc::clone(&self.requests);
         let ring = vring.clone();
-        self.helpers.run_all(batch, move |p: Popped| {
+        let run = Arc::new(move |p: Popped| {
             let used = requests.execute(&p.mem, &p.descs);
             if complete(&ring, p.head, used) {
                 if let Err(e) = signal_if_needed(&ring) {
@@ -246,7 +237,42 @@ impl BlockDevice {
                 }
             }
         });
+        let mut batch = VecDeque::from([first]);
+        let mut previous = None;
+        loop {
+            batch.extend(std::iter::from_fn(|| Self::pop_owned(vring, atomic)));
+            let run = Arc::clone(&run);
+            let running = self.helpers.start(batch, move |p| run(p));
+            running.work();
+            if let Some(previous) = previous.replace(running) {
+                previous.wait();
+            }
+            batch = VecDeque::new();
+            match Self::pop_owned(vring, atomic) {
+                Some(p) => batch.push_back(p),
+                None => break,
+            }
+        }
+        if let Some(last) = previous {
+            last.wait();
+        }
         Ok(())
+    }
+
+    /// [`Self::pop`], owned: a request a helper thread can run.
+    fn pop_owned(vring: &Vring, atomic: &GuestMemoryType) -> Option<Popped> {
+        let (chain, mem) = Self::pop(vring, atomic)?;
+        Some(Popped {
+            head: chain.head_index(),
+            descs: chain
+                .map(|d| Descriptor {
+                    addr: d.addr(),
+                    len: d.len(),
+                    writable: d.is_write_only(),
+                })
+                .collect(),
+            mem: mem.into_inner(),
+        })
     }
 
     /// Pops the next available descriptor chain, with the guest memory to serve it from.

@@ -83,6 +83,19 @@ impl HelperPool {
         T: Send + 'static,
         F: Fn(T) + Send + Sync + 'static,
     {
+        let running = self.start(items, run);
+        running.work();
+        running.wait();
+    }
+
+    /// Offers `items` to the helpers (as many as there are items beyond the first) and
+    /// returns at once; the caller should [`Running::work`] on them too, then
+    /// [`Running::wait`] for the last to finish.
+    pub fn start<T, F>(&self, items: VecDeque<T>, run: F) -> Running<T, F>
+    where
+        T: Send + 'static,
+        F: Fn(T) + Send + Sync + 'static,
+    {
         let helpers = self.len().min(items.len().saturating_sub(1));
         let batch = Arc::new(Batch {
             left: Mutex::new(items.len()),
@@ -102,10 +115,27 @@ impl HelperPool {
                 self.shared.ready.notify_all();
             }
         }
-        batch.work();
-        let mut left = lock(&batch.left);
+        Running { batch }
+    }
+}
+
+/// A batch offered to the helpers.
+pub struct Running<T, F> {
+    batch: Arc<Batch<T, F>>,
+}
+
+impl<T: Send, F: Fn(T) + Send + Sync> Running<T, F> {
+    /// Takes and runs items until none are left to take (others may still be running).
+    pub fn work(&self) {
+        self.batch.work();
+    }
+
+    /// Waits until every item has finished.
+    pub fn wait(self) {
+        let mut left = lock(&self.batch.left);
         while *left > 0 {
-            left = batch
+            left = self
+                .batch
                 .done
                 .wait(left)
                 .unwrap_or_else(PoisonError::into_inner);
@@ -228,6 +258,24 @@ mod tests {
             });
         }
         assert_eq!(ran.load(Ordering::SeqCst), 18);
+    }
+
+    #[test]
+    fn a_second_batch_can_start_before_the_first_is_done() {
+        let pool = HelperPool::new(2).unwrap();
+        let done = Arc::new(AtomicUsize::new(0));
+        let d = Arc::clone(&done);
+        let slow = move |_: i32| {
+            std::thread::sleep(Duration::from_millis(5));
+            d.fetch_add(1, Ordering::SeqCst);
+        };
+        let first = pool.start((0..5).collect(), slow.clone());
+        first.work();
+        let second = pool.start((0..5).collect(), slow);
+        second.work();
+        first.wait();
+        second.wait();
+        assert_eq!(done.load(Ordering::SeqCst), 10);
     }
 
     #[test]
