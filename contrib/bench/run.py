@@ -2,6 +2,7 @@
 """Backend benchmark: vhost-user-vhdx against qemu-storage-daemon, in one run.
 
     contrib/bench/run.py [--seconds 5] [--rounds 2] [--size 2G] [--out DIR]
+                         [--jobs NAME,...] [--backends ours,...] [--no-footprint]
 
 Builds the images (a dynamic VHDX with 32 MiB blocks fully written once, an empty one for
 first-touch writes, a raw file with the same content), then drives every backend with the same
@@ -15,8 +16,10 @@ after another and interleaved (A B C A B C ...) so that drift cancels:
               ceiling: the host's own page-cache I/O, no vhost-user at all)
 
 All use the host page cache (no O_DIRECT). Prints a table (IOPS or MB/s, p50/p99 latency,
-backend CPU seconds per GiB moved -- for fio-raw, fio's own CPU -- our ratio to each anchor) and writes results.json and
-results.csv beside it. Figures only: this is not a test.
+backend CPU seconds per GiB moved -- for fio-raw, fio's own CPU -- our ratio to each anchor),
+then each performance target the run covers as met or MISSED, then the footprint (serving
+1 TiB, opening 64 TiB, replaying a full log, with their limits); writes results.json,
+results.csv and footprint.json beside it. Figures only: this is not a test.
 
 An optional in-guest pass runs the same backends (not fio-raw) under a real Linux guest booted
 by the project's QEMU harness, tests/guest/guest-run, with fio inside it on /dev/vda:
