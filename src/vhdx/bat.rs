@@ -79,6 +79,9 @@ pub struct Bat {
     entries: Box<[AtomicU64]>,
 }
 
+/// The BAT is read in pieces of this size.
+const LOAD_PIECE: u64 = 1 << 20;
+
 /// A file extent that holds a structure (header section, log, region): BAT targets must not
 /// overlap any of them.
 #[derive(Clone, Debug)]
@@ -115,18 +118,29 @@ impl Bat {
             .into());
         }
         // `needed` ≤ the region length, which the region table checked against the file size,
-        // so this allocation is bounded by the file itself.
-        let mut bytes = vec![0u8; needed as usize];
-        storage
-            .read_at(&mut bytes, region_offset)
-            .map_err(|e| Error::io("reading the BAT", e))?;
-        let raw: Vec<u64> = bytes
-            .chunks_exact(8)
-            .map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes")))
-            .collect();
-        drop(bytes);
-        validate(&geometry, &raw, file_size, occupied)?;
-        Ok(Bat::from_entries(geometry, &raw))
+        // so the table is bounded by the file itself; it is read straight into place a piece
+        // at a time, so that nothing else as large as the BAT is ever held.
+        let mut entries: Vec<AtomicU64> = Vec::with_capacity(count as usize);
+        let mut piece = vec![0u8; needed.min(LOAD_PIECE) as usize];
+        let mut at = 0u64;
+        while at < needed {
+            let n = (needed - at).min(LOAD_PIECE) as usize;
+            storage
+                .read_at(&mut piece[..n], region_offset + at)
+                .map_err(|e| Error::io("reading the BAT", e))?;
+            entries.extend(
+                piece[..n]
+                    .chunks_exact(8)
+                    .map(|c| AtomicU64::new(u64::from_le_bytes(c.try_into().expect("8 bytes")))),
+            );
+            at += n as u64;
+        }
+        let bat = Bat {
+            geometry,
+            entries: entries.into_boxed_slice(),
+        };
+        validate(&bat, file_size, occupied)?;
+        Ok(bat)
     }
 
     pub fn len(&self) -> u64 {
@@ -173,13 +187,18 @@ impl Bat {
     }
 }
 
-fn validate(geometry: &Geometry, raw: &[u64], file_size: u64, occupied: &[Occupied]) -> Result<()> {
+fn validate(bat: &Bat, file_size: u64, occupied: &[Occupied]) -> Result<()> {
+    let geometry = &bat.geometry;
     let block_size = u64::from(geometry.block_size);
-    // (offset, length, index) of every extent the BAT points at.
-    let mut extents: Vec<(u64, u64, u64)> = Vec::new();
-    for (index, &value) in raw.iter().enumerate() {
-        let index = index as u64;
-        let entry = BatEntry(value);
+    // (offset, index) of every extent the BAT points at; its length follows from the index.
+    let mut extents: Vec<(u64, u64)> = Vec::new();
+    let extent_length = |index: u64| match geometry.block_of_index(index) {
+        Some(_) => block_size,
+        None => SECTOR_BITMAP_BLOCK_SIZE,
+    };
+    for index in 0..bat.len() {
+        let entry = bat.entry(index);
+        let value = entry.0;
         let bits = entry.state_bits();
         let bad_state = |context| Corruption::BadBlockState {
             index,
@@ -203,7 +222,7 @@ fn validate(geometry: &Geometry, raw: &[u64], file_size: u64, occupied: &[Occupi
                         return Err(bad_state("a payload block of a non-differencing file").into());
                     }
                     let chunk = block / geometry.chunk_ratio();
-                    let sb = BatEntry(raw[geometry.bitmap_index(chunk) as usize]);
+                    let sb = bat.entry(geometry.bitmap_index(chunk));
                     if sb.state_bits() != SB_BLOCK_PRESENT {
                         return Err(Corruption::MissingSectorBitmap { index, chunk }.into());
                     }
@@ -247,13 +266,13 @@ fn validate(geometry: &Geometry, raw: &[u64], file_size: u64, occupied: &[Occupi
                 return Err(bad_offset(format!("overlaps {}", o.what)).into());
             }
         }
-        extents.push((offset, length, index));
+        extents.push((offset, index));
     }
     extents.sort_unstable();
     for pair in extents.windows(2) {
-        let (a_off, a_len, a_idx) = pair[0];
-        let (b_off, _, b_idx) = pair[1];
-        if a_off + a_len > b_off {
+        let (a_off, a_idx) = pair[0];
+        let (b_off, b_idx) = pair[1];
+        if a_off + extent_length(a_idx) > b_off {
             if a_off == b_off {
                 return Err(Corruption::DuplicateBlockOffset {
                     first: a_idx.min(b_idx),
@@ -324,7 +343,7 @@ mod tests {
     fn partially_present_needs_a_parent_and_a_bitmap() {
         let g = geo(64 * MIB, 32 * MIB, 512, false);
         let raw = [BatEntry::new(7, 4 * MIB).0, 0];
-        let err = validate(&g, &raw, 100 * MIB, &[]).unwrap_err();
+        let err = validate(&Bat::from_entries(g, &raw), 100 * MIB, &[]).unwrap_err();
         assert!(matches!(
             err.corruption(),
             Some(Corruption::BadBlockState { state: 7, .. })
@@ -332,13 +351,13 @@ mod tests {
         let g = geo(64 * MIB, 32 * MIB, 512, true);
         let mut raw = vec![0u64; g.total_entries() as usize];
         raw[0] = BatEntry::new(7, 4 * MIB).0;
-        let err = validate(&g, &raw, 100 * MIB, &[]).unwrap_err();
+        let err = validate(&Bat::from_entries(g, &raw), 100 * MIB, &[]).unwrap_err();
         assert!(matches!(
             err.corruption(),
             Some(Corruption::MissingSectorBitmap { .. })
         ));
         raw[g.bitmap_index(0) as usize] = BatEntry::new(6, 40 * MIB).0;
-        validate(&g, &raw, 100 * MIB, &[]).unwrap();
+        validate(&Bat::from_entries(g, &raw), 100 * MIB, &[]).unwrap();
     }
 
     #[test]
@@ -351,7 +370,9 @@ mod tests {
             0,
         ];
         assert!(matches!(
-            validate(&g, &raw, GIB, &[]).unwrap_err().corruption(),
+            validate(&Bat::from_entries(g, &raw), GIB, &[])
+                .unwrap_err()
+                .corruption(),
             Some(Corruption::DuplicateBlockOffset { .. })
         ));
         let raw = [
@@ -361,7 +382,9 @@ mod tests {
             0,
         ];
         assert!(matches!(
-            validate(&g, &raw, GIB, &[]).unwrap_err().corruption(),
+            validate(&Bat::from_entries(g, &raw), GIB, &[])
+                .unwrap_err()
+                .corruption(),
             Some(Corruption::Overlap { .. })
         ));
     }
