@@ -174,11 +174,7 @@ impl BlockDevice {
             while let Some((chain, mem)) = Self::pop(vring, &atomic) {
                 let head = chain.head_index();
                 descs.clear();
-                descs.extend(chain.map(|d| Descriptor {
-                    addr: d.addr(),
-                    len: d.len(),
-                    writable: d.is_write_only(),
-                }));
+                descs.extend(chain.map(descriptor));
                 if !self.helpers.is_empty() && read_bytes(&descs) >= LARGE_READ {
                     let first = Popped {
                         head,
@@ -195,7 +191,7 @@ impl BlockDevice {
                 }
                 // Tell a waiting driver now rather than after the whole batch: it refills
                 // the ring while this thread works on the rest, so the two run in parallel
-                // instead of taking turns (1 queue, 4 KiB QD32: 300k -> 480k IOPS). With
+                // instead of taking turns (1 queue, 4 KiB QD32: 300k -> 450k IOPS). With
                 // EVENT_IDX the driver asks only when it is about to sleep; a few
                 // completions are gathered first so that a machine with more busy threads
                 // than cores does not spend its time waking the driver for each one.
@@ -264,13 +260,7 @@ impl BlockDevice {
         let (chain, mem) = Self::pop(vring, atomic)?;
         Some(Popped {
             head: chain.head_index(),
-            descs: chain
-                .map(|d| Descriptor {
-                    addr: d.addr(),
-                    len: d.len(),
-                    writable: d.is_write_only(),
-                })
-                .collect(),
+            descs: chain.map(descriptor).collect(),
             mem: mem.into_inner(),
         })
     }
@@ -311,6 +301,15 @@ struct Popped {
     head: u16,
     descs: Vec<Descriptor>,
     mem: Arc<GuestMemoryMmap>,
+}
+
+/// What this crate needs of a descriptor the queue gave.
+fn descriptor(d: virtio_queue::desc::split::Descriptor) -> Descriptor {
+    Descriptor {
+        addr: d.addr(),
+        len: d.len(),
+        writable: d.is_write_only(),
+    }
 }
 
 /// Bytes of a request's device-writable descriptors: a read's data (and its status byte).
