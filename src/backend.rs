@@ -225,20 +225,19 @@ impl BlockDevice {
     fn run_batch(&self, vring: &Vring, atomic: &GuestMemoryType, first: Popped) -> io::Result<()> {
         let requests = Arc::clone(&self.requests);
         let ring = vring.clone();
-        let run = Arc::new(move |p: Popped| {
+        let run = move |p: Popped| {
             let used = requests.execute(&p.mem, &p.descs);
             if complete(&ring, p.head, used) {
                 if let Err(e) = signal_if_needed(&ring) {
                     warn!("cannot signal the driver: {e}");
                 }
             }
-        });
+        };
         let mut batch = VecDeque::from([first]);
         let mut previous = None;
         loop {
             batch.extend(std::iter::from_fn(|| Self::pop_owned(vring, atomic)));
-            let run = Arc::clone(&run);
-            let running = self.helpers.start(batch, move |p| run(p));
+            let running = self.helpers.start(batch, run.clone());
             running.work();
             if let Some(previous) = previous.replace(running) {
                 previous.wait();

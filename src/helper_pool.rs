@@ -76,18 +76,6 @@ impl HelperPool {
         self.threads.is_empty()
     }
 
-    /// Runs `run` on every item, on the calling thread and on as many helpers as there are
-    /// items beyond the first; returns when every item is done. Items start in order.
-    pub fn run_all<T, F>(&self, items: VecDeque<T>, run: F)
-    where
-        T: Send + 'static,
-        F: Fn(T) + Send + Sync + 'static,
-    {
-        let running = self.start(items, run);
-        running.work();
-        running.wait();
-    }
-
     /// Offers `items` to the helpers (as many as there are items beyond the first) and
     /// returns at once; the caller should [`Running::work`] on them too, then
     /// [`Running::wait`] for the last to finish.
@@ -207,6 +195,18 @@ impl<T: Send, F: Fn(T) + Send + Sync> Work for Batch<T, F> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Runs `run` on every item, here and on the helpers, and waits for all: what the backend
+    /// does with one batch.
+    fn run_all<T, F>(pool: &HelperPool, items: VecDeque<T>, run: F)
+    where
+        T: Send + 'static,
+        F: Fn(T) + Send + Sync + 'static,
+    {
+        let running = pool.start(items, run);
+        running.work();
+        running.wait();
+    }
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::time::Duration;
 
@@ -216,7 +216,7 @@ mod tests {
         for round in 0..50 {
             let seen = Arc::new((0..40).map(|_| AtomicUsize::new(0)).collect::<Vec<_>>());
             let s = Arc::clone(&seen);
-            pool.run_all((0..40usize).collect(), move |i| {
+            run_all(&pool, (0..40usize).collect(), move |i| {
                 if i % 7 == round % 7 {
                     std::thread::sleep(Duration::from_micros(200));
                 }
@@ -233,7 +233,7 @@ mod tests {
         let pool = HelperPool::new(1).unwrap();
         let threads = Arc::new(Mutex::new(std::collections::HashSet::new()));
         let t = Arc::clone(&threads);
-        pool.run_all((0..8).collect(), move |_: i32| {
+        run_all(&pool, (0..8).collect(), move |_: i32| {
             lock(&t).insert(std::thread::current().id());
             std::thread::sleep(Duration::from_millis(20));
         });
@@ -250,7 +250,7 @@ mod tests {
         let ran = Arc::new(AtomicUsize::new(0));
         for _ in 0..3 {
             let r = Arc::clone(&ran);
-            pool.run_all((0..6).collect(), move |i: i32| {
+            run_all(&pool, (0..6).collect(), move |i: i32| {
                 r.fetch_add(1, Ordering::SeqCst);
                 if i == 2 {
                     panic!("item {i}");
@@ -284,7 +284,7 @@ mod tests {
         let me = std::thread::current().id();
         let ran = Arc::new(AtomicUsize::new(0));
         let r = Arc::clone(&ran);
-        pool.run_all((0..5).collect(), move |_: i32| {
+        run_all(&pool, (0..5).collect(), move |_: i32| {
             assert_eq!(std::thread::current().id(), me);
             r.fetch_add(1, Ordering::SeqCst);
         });
