@@ -2,11 +2,13 @@
 //! habits and scripts carry over.
 
 pub mod check;
+pub mod compact;
 pub mod convert;
 pub mod create;
 pub mod info;
 pub mod io;
 pub mod options;
+pub mod resize;
 pub mod serve;
 
 use std::path::PathBuf;
@@ -43,6 +45,10 @@ pub enum Command {
     Convert(convert::ConvertArgs),
     /// Run qemu-io style commands (write, read, discard, flush) on an image.
     Io(io::IoArgs),
+    /// Change the virtual size of an image (growing; shrinking with --shrink).
+    Resize(resize::ResizeArgs),
+    /// Give back the space of all-zero blocks and pack the file (the disk reads the same).
+    Compact(compact::CompactArgs),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Default)]
@@ -91,6 +97,8 @@ pub fn run(cli: Cli) -> CliResult<ExitCode> {
         Command::Check(a) => check::run(a),
         Command::Convert(a) => convert::run(a),
         Command::Io(a) => io::run(a),
+        Command::Resize(a) => resize::run(a),
+        Command::Compact(a) => compact::run(a),
     }
 }
 

@@ -147,6 +147,13 @@ impl Chain {
             push_merged(out, ReadSource::Zero, len);
             return Ok(());
         };
+        // A grown leaf is larger than its parents: past a parent's end the disk reads zeros.
+        let inside = len.min(file.virtual_size().saturating_sub(offset));
+        if inside < len {
+            self.resolve_layer(layer, offset, inside, out)?;
+            push_merged(out, ReadSource::Zero, len - inside);
+            return Ok(());
+        }
         let mut runs: SmallVec<[(Source, u64); 4]> = SmallVec::new();
         file.map(offset, len, &mut |s, l| runs.push((s, l)))?;
         let mut pos = offset;
@@ -168,8 +175,21 @@ impl Chain {
 
     /// Reads `dst.len()` bytes of the virtual disk at `offset` into `dst`.
     pub fn read(&self, offset: u64, dst: &mut dyn ReadTarget) -> Result<()> {
+        self.read_from_layer(0, offset, dst)
+    }
+
+    /// Reads as the chain below `layer` sees the disk (`layer` 1: what the leaf's parent
+    /// supplies); zeros when there is no such layer. For maintenance that must know whether a
+    /// parent reads zeros.
+    pub fn read_from_layer(
+        &self,
+        layer: usize,
+        offset: u64,
+        dst: &mut dyn ReadTarget,
+    ) -> Result<()> {
         let mut extents = Extents::new();
-        self.resolve(offset, dst.len() as u64, &mut extents)?;
+        self.check_range(offset, dst.len() as u64)?;
+        self.resolve_layer(layer, offset, dst.len() as u64, &mut extents)?;
         let mut at = 0usize;
         for e in extents {
             let len = e.len as usize;
@@ -320,7 +340,9 @@ fn check_parent(child: &VhdxFile, locator: &ParentLocator, parent: &VhdxFile) ->
         }
         .into());
     }
-    if parent.virtual_size() != child.virtual_size() {
+    // A child may be larger than its parent (a grown leaf reads zeros past the parent's end),
+    // never smaller.
+    if parent.virtual_size() > child.virtual_size() {
         return Err(ChainError::VirtualSizeMismatch {
             child: child.path().to_path_buf(),
             parent: parent.path().to_path_buf(),

@@ -10,6 +10,7 @@ pub mod bitmap;
 pub mod buffers;
 pub mod chain;
 pub mod check;
+pub mod compact;
 pub mod create;
 pub mod error;
 pub mod file;
@@ -20,8 +21,10 @@ pub mod lock;
 pub mod log;
 pub mod metadata;
 pub mod region;
+pub mod resize;
 pub mod space;
 pub mod storage;
+pub mod txn;
 pub mod write;
 
 pub use buffers::{ReadTarget, WriteSource, Zeros};
