@@ -78,7 +78,10 @@ pub fn run(args: ResizeArgs) -> CliResult<ExitCode> {
     if report.old_size == report.new_size {
         println!("Image already has size {}", report.new_size);
     } else {
-        println!("Image resized from {} to {}.", report.old_size, report.new_size);
+        println!(
+            "Image resized from {} to {}.",
+            report.old_size, report.new_size
+        );
     }
     Ok(ExitCode::SUCCESS)
 }

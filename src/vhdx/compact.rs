@@ -66,8 +66,16 @@ pub fn compact(chain: Chain, progress: Progress) -> Result<CompactReport> {
     };
     let mut entries: Vec<u64> = (0..leaf.bat.len()).map(|i| leaf.bat.entry(i).0).collect();
     let h = leaf.current_headers().current;
-    let mut structures = vec![(0, HEADER_SECTION_SIZE), (h.log_offset, u64::from(h.log_length))];
-    structures.extend(leaf.regions.regions.iter().map(|r| (r.file_offset, r.length)));
+    let mut structures = vec![
+        (0, HEADER_SECTION_SIZE),
+        (h.log_offset, u64::from(h.log_length)),
+    ];
+    structures.extend(
+        leaf.regions
+            .regions
+            .iter()
+            .map(|r| (r.file_offset, r.length)),
+    );
 
     let txn = Txn::begin(Arc::clone(&storage), &leaf.current_headers(), false)?;
     let set = |entries: &mut Vec<u64>, index: u64, e: BatEntry| -> Result<()> {
@@ -142,9 +150,8 @@ pub fn compact(chain: Chain, progress: Progress) -> Result<CompactReport> {
         movable.sort_unstable_by(|a, b| b.0.cmp(&a.0));
         let mut moved = 0;
         for (offset, len, index) in movable {
-            let Some((&hole, &hole_len)) = holes
-                .iter()
-                .find(|(&o, &l)| l >= len && o + len <= offset)
+            let Some((&hole, &hole_len)) =
+                holes.iter().find(|(&o, &l)| l >= len && o + len <= offset)
             else {
                 continue;
             };

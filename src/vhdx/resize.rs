@@ -161,7 +161,9 @@ pub fn resize(
                 0
             }
             Some(_) => 0,
-            None if index < old_len && index / (old.chunk_ratio() + 1) < new.sector_bitmap_blocks() => {
+            None if index < old_len
+                && index / (old.chunk_ratio() + 1) < new.sector_bitmap_blocks() =>
+            {
                 leaf.bat.entry(index).0
             }
             None => 0,
@@ -219,9 +221,7 @@ pub fn resize(
         let length = align_up(new_len.max(new.max_entries()) * 8, MIB).expect("≤ 512 MiB");
         let offset = end;
         end += length;
-        storage
-            .set_len(end)
-            .map_err(io("growing the file"))?;
+        storage.set_len(end).map_err(io("growing the file"))?;
         write_table(&*storage, offset, &entries)?;
         let r = regions
             .regions
@@ -235,9 +235,11 @@ pub fn resize(
 
     // The switch: one log entry.
     let txn = Txn::begin(Arc::clone(&storage), &leaf.current_headers(), true)?;
-    let md = leaf.metadata.items.iter().find(|i| {
-        i.item_id == VIRTUAL_DISK_SIZE_GUID && !i.is_user
-    });
+    let md = leaf
+        .metadata
+        .items
+        .iter()
+        .find(|i| i.item_id == VIRTUAL_DISK_SIZE_GUID && !i.is_user);
     let md = md.expect("validated at open");
     txn.write(
         leaf.regions.metadata().file_offset + u64::from(md.offset),
@@ -315,7 +317,9 @@ pub(crate) fn write_region_tables(txn: &Txn, regions: &RegionTable) -> Result<()
 /// The first virtual offset at or past `from` whose bytes are in this file and not zeros.
 fn first_data_past(file: &VhdxFile, from: u64) -> Result<Option<u64>> {
     let mut runs = Vec::new();
-    file.map(from, file.virtual_size() - from, &mut |s, l| runs.push((s, l)))?;
+    file.map(from, file.virtual_size() - from, &mut |s, l| {
+        runs.push((s, l))
+    })?;
     let mut pos = from;
     let mut buf = vec![0u8; MIB as usize];
     for (source, len) in runs {

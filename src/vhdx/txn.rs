@@ -32,7 +32,12 @@ struct Staged {
 
 impl PageSource for Staged {
     fn page(&self, file_offset: u64, out: &mut [u8; LOG_SECTOR_SIZE]) -> io::Result<()> {
-        if let Some(p) = self.pages.lock().unwrap_or_else(|e| e.into_inner()).get(&file_offset) {
+        if let Some(p) = self
+            .pages
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&file_offset)
+        {
             out.copy_from_slice(&p[..]);
             return Ok(());
         }
@@ -121,7 +126,11 @@ impl Txn {
 
     /// Pages staged so far.
     pub fn staged(&self) -> usize {
-        self.staged.pages.lock().unwrap_or_else(|e| e.into_inner()).len()
+        self.staged
+            .pages
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .len()
     }
 
     /// Makes the staged pages durable as one log entry (after everything written to the file
@@ -165,9 +174,7 @@ impl Txn {
         let wal = self.wal.take().expect("open until finish");
         wal.shutdown()
             .map_err(|e| Error::io("committing the log", e))?;
-        self.storage
-            .flush()
-            .map_err(|e| Error::io("flushing", e))?;
+        self.storage.flush().map_err(|e| Error::io("flushing", e))?;
         let mut h = self.headers.current;
         h.log_guid = Uuid::nil();
         self.headers.update(&*self.storage, h)
