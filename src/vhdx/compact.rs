@@ -147,7 +147,7 @@ pub fn compact(chain: Chain, progress: Progress) -> Result<CompactReport> {
     loop {
         let mut holes = holes(&structures, &entries, &g);
         let mut movable = extents(&entries, &g);
-        movable.sort_unstable_by(|a, b| b.0.cmp(&a.0));
+        movable.sort_unstable_by_key(|m| std::cmp::Reverse(m.0));
         let mut moved = 0;
         for (offset, len, index) in movable {
             let Some((&hole, &hole_len)) =

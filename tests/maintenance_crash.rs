@@ -1,0 +1,549 @@
+//! Crash-point enumeration for `resize` and `compact`, as tests/crash.rs does it for writes:
+//! the operation runs on a file layer that records every write, truncation and flush; then, for
+//! every boundary of that record, the file as a crash would leave it is rebuilt with the
+//! unflushed changes (a) all lost, (b) a random subset applied in random order, (c) torn at
+//! 4 KiB, and opened again. Each must replay, check clean and read, block by block, as the disk
+//! before the operation or as the disk after it (a resize's size switches with its blocks).
+
+mod common;
+
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
+use vhost_user_vhdx::vhdx::check;
+use vhost_user_vhdx::vhdx::compact::compact;
+use vhost_user_vhdx::vhdx::create::{self, CreateOptions, Subformat};
+use vhost_user_vhdx::vhdx::resize::{resize, ResizeOptions};
+use vhost_user_vhdx::vhdx::{Chain, MemStorage, ReadSource, Storage, VhdxFile};
+
+const MIB: u64 = 1 << 20;
+/// Disks are compared byte for byte up to here; past it they must be unallocated.
+const COMPARED: u64 = 64 * MIB;
+
+// The recording and crash-image layers below are those of tests/crash.rs.
+
+#[derive(Clone, Debug)]
+enum Event {
+    Write(u64, Arc<Vec<u8>>),
+    SetLen(u64),
+    Flush,
+}
+
+/// Storage that applies everything to a memory file and records it.
+#[derive(Default)]
+struct Recorder {
+    mem: MemStorage,
+    events: Mutex<Vec<Event>>,
+}
+
+impl Recorder {
+    fn record(&self, e: Event) {
+        self.events.lock().unwrap().push(e);
+    }
+}
+
+impl Storage for Recorder {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+        self.mem.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        // Recorded under the same lock order as applied, so the record is the true order.
+        let mut ev = self.events.lock().unwrap();
+        self.mem.write_at(buf, offset)?;
+        ev.push(Event::Write(offset, Arc::new(buf.to_vec())));
+        Ok(())
+    }
+    fn flush(&self) -> io::Result<()> {
+        self.record(Event::Flush);
+        Ok(())
+    }
+    fn len(&self) -> io::Result<u64> {
+        self.mem.len()
+    }
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        let mut ev = self.events.lock().unwrap();
+        self.mem.set_len(len)?;
+        ev.push(Event::SetLen(len));
+        Ok(())
+    }
+}
+
+/// A crash image: the durable file, shared, with the writes that made it to disk laid over it
+/// in 4 KiB pages, so that thousands of images cost no copies of the whole file.
+struct CrashImage {
+    base: Arc<Vec<u8>>,
+    state: Mutex<CrashState>,
+}
+
+struct CrashState {
+    pages: std::collections::BTreeMap<u64, Box<[u8; 4096]>>,
+    len: u64,
+    /// Bytes of `base` past this read as zeros (the file was cut shorter).
+    base_limit: u64,
+}
+
+impl CrashImage {
+    fn new(base: Arc<Vec<u8>>) -> Self {
+        let len = base.len() as u64;
+        CrashImage {
+            base,
+            state: Mutex::new(CrashState {
+                pages: Default::default(),
+                len,
+                base_limit: len,
+            }),
+        }
+    }
+
+    fn page(base: &[u8], st: &CrashState, page: u64) -> [u8; 4096] {
+        if let Some(p) = st.pages.get(&page) {
+            return **p;
+        }
+        let mut out = [0u8; 4096];
+        let limit = st.base_limit.min(base.len() as u64);
+        if page < limit {
+            let n = (limit - page).min(4096) as usize;
+            out[..n].copy_from_slice(&base[page as usize..page as usize + n]);
+        }
+        out
+    }
+}
+
+/// `len` bytes at file offset `offset`, cut at 4 KiB page boundaries: for each piece, where it
+/// starts in the buffer, the offset of its page, where it starts in the page, and its length.
+fn pieces(offset: u64, len: usize) -> impl Iterator<Item = (usize, u64, usize, usize)> {
+    let mut at = 0usize;
+    std::iter::from_fn(move || {
+        if at >= len {
+            return None;
+        }
+        let pos = offset + at as u64;
+        let page = pos / 4096 * 4096;
+        let within = (pos - page) as usize;
+        let n = (4096 - within).min(len - at);
+        let piece = (at, page, within, n);
+        at += n;
+        Some(piece)
+    })
+}
+
+impl Storage for CrashImage {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+        let st = self.state.lock().unwrap();
+        for (at, page, within, n) in pieces(offset, buf.len()) {
+            if page + within as u64 >= st.len {
+                buf[at..].fill(0);
+                break;
+            }
+            let p = Self::page(&self.base, &st, page);
+            buf[at..at + n].copy_from_slice(&p[within..within + n]);
+        }
+        Ok(buf.len().min(st.len.saturating_sub(offset) as usize))
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        let mut st = self.state.lock().unwrap();
+        for (at, page, within, n) in pieces(offset, buf.len()) {
+            let mut p = Self::page(&self.base, &st, page);
+            p[within..within + n].copy_from_slice(&buf[at..at + n]);
+            st.pages.insert(page, Box::new(p));
+        }
+        st.len = st.len.max(offset + buf.len() as u64);
+        Ok(())
+    }
+    fn flush(&self) -> io::Result<()> {
+        Ok(())
+    }
+    fn len(&self) -> io::Result<u64> {
+        Ok(self.state.lock().unwrap().len)
+    }
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        let mut st = self.state.lock().unwrap();
+        if len < st.len {
+            st.base_limit = st.base_limit.min(len);
+            let cut = len / 4096 * 4096;
+            if len % 4096 != 0 {
+                let mut p = Self::page(&self.base, &st, cut);
+                p[(len - cut) as usize..].fill(0);
+                st.pages.insert(cut, Box::new(p));
+            }
+            let from = len.div_ceil(4096) * 4096;
+            st.pages.retain(|&k, _| k < from);
+        }
+        st.len = len;
+        Ok(())
+    }
+}
+
+/// What a disk reads: its size and its first `COMPARED` bytes.
+#[derive(Clone, PartialEq, Eq)]
+struct Content {
+    size: u64,
+    bytes: Vec<u8>,
+}
+
+fn content(chain: &Chain) -> Result<Content, String> {
+    let size = chain.virtual_size();
+    let n = size.min(COMPARED);
+    let mut bytes = vec![0u8; n as usize];
+    chain
+        .read_at(&mut bytes, 0)
+        .map_err(|e| format!("read: {e}"))?;
+    if size > n {
+        let mut ext = Default::default();
+        chain
+            .resolve(n, size - n, &mut ext)
+            .map_err(|e| format!("resolve: {e}"))?;
+        let ext: &vhost_user_vhdx::vhdx::Extents = &ext;
+        if ext.iter().any(|e| e.source != ReadSource::Zero) {
+            return Err(format!("data past {n:#x}: {ext:?}"));
+        }
+    }
+    Ok(Content { size, bytes })
+}
+
+/// A leaf in memory over an optional parent on disk.
+struct Setup {
+    leaf_path: PathBuf,
+    parent: Option<PathBuf>,
+    initial: Vec<u8>,
+}
+
+impl Setup {
+    fn open(&self, storage: Arc<dyn Storage>) -> vhost_user_vhdx::vhdx::Result<Chain> {
+        let leaf = VhdxFile::open_storage(storage, self.leaf_path.clone(), true)?;
+        let mut layers = vec![leaf];
+        if let Some(p) = &self.parent {
+            layers.push(VhdxFile::open(p, false)?);
+        }
+        Chain::from_layers(layers)
+    }
+}
+
+struct Outcome {
+    points: usize,
+    recovered: usize,
+    bytes_lost: u64,
+    failures: Vec<String>,
+}
+
+fn enumerate(setup: &Setup, op: &dyn Fn(Chain)) -> Outcome {
+    let mut rng = StdRng::seed_from_u64(7);
+    let before = content(
+        &setup
+            .open(Arc::new(MemStorage::new(setup.initial.clone())))
+            .unwrap(),
+    )
+    .unwrap();
+    let rec = Arc::new(Recorder {
+        mem: MemStorage::new(setup.initial.clone()),
+        events: Mutex::new(Vec::new()),
+    });
+    op(setup.open(rec.clone()).unwrap());
+    let events = rec.events.lock().unwrap().clone();
+    let after = content(
+        &setup
+            .open(Arc::new(MemStorage::new(rec.mem.snapshot())))
+            .unwrap(),
+    )
+    .unwrap();
+    // Whatever the operation: what both sizes share is unchanged, and a grown disk reads zeros
+    // past its old end.
+    let shared = before.bytes.len().min(after.bytes.len());
+    assert!(
+        before.bytes[..shared] == after.bytes[..shared],
+        "the operation changed the disk's contents"
+    );
+    assert!(
+        after.bytes[shared..].iter().all(|&b| b == 0),
+        "the grown area does not read zeros"
+    );
+
+    let mut durable = Arc::new(setup.initial.clone());
+    let mut pending: Vec<usize> = Vec::new();
+    let mut out = Outcome {
+        points: 0,
+        recovered: 0,
+        bytes_lost: 0,
+        failures: Vec::new(),
+    };
+    let apply = |img: &mut Vec<u8>, e: &Event| match e {
+        Event::Write(off, data) => {
+            let end = (*off as usize) + data.len();
+            if img.len() < end {
+                img.resize(end, 0);
+            }
+            img[*off as usize..end].copy_from_slice(data);
+        }
+        Event::SetLen(len) => img.resize(*len as usize, 0),
+        _ => {}
+    };
+    for (i, e) in events.iter().enumerate() {
+        match e {
+            Event::Flush => {
+                let d = Arc::make_mut(&mut durable);
+                for &p in &pending {
+                    apply(d, &events[p]);
+                }
+                pending.clear();
+            }
+            Event::Write(..) | Event::SetLen(_) => pending.push(i),
+        }
+        for variant in 0..3 {
+            if variant > 0 && pending.is_empty() {
+                break;
+            }
+            let img = CrashImage::new(Arc::clone(&durable));
+            let put = |e: &Event| match e {
+                Event::Write(off, data) => img.write_at(data, *off).unwrap(),
+                Event::SetLen(len) => img.set_len(*len).unwrap(),
+                _ => {}
+            };
+            match variant {
+                0 => {}
+                1 => {
+                    let mut chosen: Vec<usize> = pending
+                        .iter()
+                        .copied()
+                        .filter(|_| rng.gen_bool(0.5))
+                        .collect();
+                    chosen.shuffle(&mut rng);
+                    for p in chosen {
+                        put(&events[p]);
+                    }
+                }
+                _ => {
+                    for &p in &pending {
+                        match &events[p] {
+                            Event::Write(off, data) => {
+                                for (k, piece) in data.chunks(4096).enumerate() {
+                                    if rng.gen_bool(0.5) {
+                                        img.write_at(piece, off + (k * 4096) as u64).unwrap();
+                                    }
+                                }
+                            }
+                            other => {
+                                if rng.gen_bool(0.5) {
+                                    put(other)
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+            out.points += 1;
+            match verify(setup, img, &before, &after) {
+                Ok(()) => out.recovered += 1,
+                Err((msg, lost)) => {
+                    out.bytes_lost += lost;
+                    if out.failures.len() < 5 {
+                        out.failures
+                            .push(format!("event {i} variant {variant}: {msg}"));
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+fn verify(
+    setup: &Setup,
+    img: CrashImage,
+    before: &Content,
+    after: &Content,
+) -> Result<(), (String, u64)> {
+    let chain = setup
+        .open(Arc::new(img))
+        .map_err(|e| (format!("reopen: {e}"), 0))?;
+    let report = check::check_file(chain.leaf());
+    if !report.corruptions.is_empty() {
+        return Err((format!("check: {:?}", report.corruptions), 0));
+    }
+    let got = content(&chain).map_err(|e| (e, 0))?;
+    let candidates: Vec<&Content> = [before, after]
+        .into_iter()
+        .filter(|c| c.size == got.size)
+        .collect();
+    if candidates.is_empty() {
+        return Err((format!("size {} is neither before nor after", got.size), 0));
+    }
+    let mut lost = 0;
+    let mut first = None;
+    for (b, block) in got.bytes.chunks(MIB as usize).enumerate() {
+        let range = b * MIB as usize..b * MIB as usize + block.len();
+        if candidates.iter().any(|c| c.bytes[range.clone()] == *block) {
+            continue;
+        }
+        lost += block.len() as u64;
+        first.get_or_insert_with(|| format!("block {b} reads neither before nor after"));
+    }
+    match first {
+        None => Ok(()),
+        Some(e) => Err((e, lost)),
+    }
+}
+
+fn run(name: &str, setup: &Setup, op: &dyn Fn(Chain)) {
+    let out = enumerate(setup, op);
+    println!(
+        "{name}: crash points: {}, recovered: {}, flushed bytes lost: {}",
+        out.points, out.recovered, out.bytes_lost
+    );
+    assert!(
+        out.failures.is_empty() && out.recovered == out.points && out.bytes_lost == 0,
+        "{name}: {} of {} crash points did not recover; first failures:\n{}",
+        out.points - out.recovered,
+        out.points,
+        out.failures.join("\n")
+    );
+}
+
+/// A new file in memory, changed by `prepare` through the engine.
+fn prepared(dir: &Path, opts: &CreateOptions, prepare: &dyn Fn(&Chain)) -> Setup {
+    let leaf_path = dir.join("leaf.vhdx");
+    let parent = opts.parent.clone();
+    let initial = if parent.is_some() {
+        create::create(&leaf_path, opts).unwrap();
+        std::fs::read(&leaf_path).unwrap()
+    } else {
+        let m = MemStorage::default();
+        create::create_on(&m, opts).unwrap();
+        m.into_inner()
+    };
+    let mut setup = Setup {
+        leaf_path,
+        parent,
+        initial,
+    };
+    let mem = Arc::new(MemStorage::new(setup.initial.clone()));
+    let chain = setup.open(mem.clone()).unwrap();
+    prepare(&chain);
+    chain.close().unwrap();
+    setup.initial = mem.snapshot();
+    setup
+}
+
+fn dynamic(size: u64) -> CreateOptions {
+    CreateOptions {
+        virtual_size: Some(size),
+        block_size: Some(MIB as u32),
+        ..Default::default()
+    }
+}
+
+/// Blocks of data and allocated blocks of zeros, alternating.
+fn striped(chain: &Chain) {
+    let blocks = chain.virtual_size() / MIB;
+    for b in 0..blocks {
+        let fill = if b % 2 == 0 { b as u8 + 1 } else { 0 };
+        chain.write_at(&vec![fill; MIB as usize], b * MIB).unwrap();
+    }
+}
+
+fn grow(size: u64) -> impl Fn(Chain) {
+    move |c| {
+        resize(c, size, &ResizeOptions::default(), &mut |_, _| {}).unwrap();
+    }
+}
+
+#[test]
+fn every_crash_point_of_a_grow_recovers() {
+    let d = common::tempdir("crash-resize-");
+    // Cut inside a block first, so the grow must zero the old last block's hidden tail.
+    let setup = prepared(d.path(), &dynamic(16 * MIB), &|c| {
+        c.write_at(&vec![0x77; 16 * MIB as usize], 0).unwrap();
+    });
+    let mem = Arc::new(MemStorage::new(setup.initial.clone()));
+    let options = ResizeOptions {
+        shrink: true,
+        force: true,
+    };
+    resize(
+        setup.open(mem.clone()).unwrap(),
+        15 * MIB + 512,
+        &options,
+        &mut |_, _| {},
+    )
+    .unwrap();
+    let setup = Setup {
+        initial: mem.snapshot(),
+        ..setup
+    };
+    run("grow in place", &setup, &grow(40 * MIB));
+}
+
+#[test]
+fn every_crash_point_of_a_grow_that_moves_the_bat_recovers() {
+    let d = common::tempdir("crash-resize-");
+    let setup = prepared(d.path(), &dynamic(16 * MIB), &striped);
+    run("grow relocating the BAT", &setup, &grow(200 << 30));
+}
+
+#[test]
+fn every_crash_point_of_a_fixed_grow_recovers() {
+    let d = common::tempdir("crash-resize-");
+    let opts = CreateOptions {
+        subformat: Subformat::Fixed,
+        ..dynamic(8 * MIB)
+    };
+    let setup = prepared(d.path(), &opts, &striped);
+    run("fixed grow", &setup, &grow(24 * MIB));
+}
+
+#[test]
+fn every_crash_point_of_a_shrink_recovers() {
+    let d = common::tempdir("crash-resize-");
+    let setup = prepared(d.path(), &dynamic(16 * MIB), &striped);
+    let options = ResizeOptions {
+        shrink: true,
+        force: true,
+    };
+    run("shrink", &setup, &move |c| {
+        resize(c, 5 * MIB + 512, &options, &mut |_, _| {}).unwrap();
+    });
+}
+
+#[test]
+fn every_crash_point_of_a_compact_recovers() {
+    let d = common::tempdir("crash-compact-");
+    let setup = prepared(d.path(), &dynamic(16 * MIB), &striped);
+    run("compact", &setup, &|c| {
+        let r = compact(c, &mut |_, _| {}).unwrap();
+        assert_eq!(r.blocks_reclaimed, 8);
+        assert!(r.blocks_moved > 0);
+    });
+}
+
+#[test]
+fn every_crash_point_of_a_differencing_compact_recovers() {
+    let d = common::tempdir("crash-compact-");
+    let parent = d.path().join("parent.vhdx");
+    create::create(&parent, &dynamic(16 * MIB)).unwrap();
+    let p = Chain::open(
+        &parent,
+        &vhost_user_vhdx::vhdx::ChainOptions {
+            writable: true,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    p.write_at(&vec![0x55; 4 * MIB as usize], 0).unwrap();
+    p.close().unwrap();
+    let opts = CreateOptions {
+        parent: Some(parent),
+        ..Default::default()
+    };
+    let setup = prepared(d.path(), &opts, &|c| {
+        striped(c);
+        // A partially present block of zeros over parent zeros.
+        c.write_at(&[0u8; 4096], 9 * MIB).unwrap();
+    });
+    run("differencing compact", &setup, &|c| {
+        let r = compact(c, &mut |_, _| {}).unwrap();
+        assert!(r.blocks_reclaimed >= 5, "{r:?}");
+    });
+}
