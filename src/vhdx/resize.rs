@@ -193,26 +193,31 @@ pub fn resize(
     let bat_region = leaf.regions.bat();
     let span = new_len.max(old_len) * 8;
     let fits = new_len * 8 <= bat_region.length;
-    let mut changed_pages = 0usize;
+    // Page numbers (4 KiB pages from the region's start) whose entries change.
+    let mut changed: Vec<u64> = Vec::new();
     if fits {
-        let mut page = vec![0u8; LOG_SECTOR_SIZE];
-        for (p, start) in (0..span).step_by(LOG_SECTOR_SIZE).enumerate() {
-            let n = (span - start).min(LOG_SECTOR_SIZE as u64) as usize;
+        let piece = MIB;
+        let mut buf = vec![0u8; piece as usize];
+        let mut start = 0;
+        while start < span && changed.len() <= Txn::MAX_PAGES - 4 {
+            let n = (span - start).min(piece) as usize;
             storage
-                .read_at(&mut page[..n], bat_region.file_offset + start)
+                .read_at(&mut buf[..n], bat_region.file_offset + start)
                 .map_err(io("reading the BAT"))?;
-            let differs = page[..n].chunks_exact(8).enumerate().any(|(i, c)| {
-                let index = (p * LOG_SECTOR_SIZE / 8 + i) as u64;
-                let want = entries.get(index as usize).copied().unwrap_or(0);
-                u64::from_le_bytes(c.try_into().expect("8 bytes")) != want
-            });
-            changed_pages += usize::from(differs);
-            if changed_pages > Txn::MAX_PAGES - 4 {
-                break;
+            for (p, page) in buf[..n].chunks(LOG_SECTOR_SIZE).enumerate() {
+                let first = (start as usize + p * LOG_SECTOR_SIZE) / 8;
+                let differs = page.chunks_exact(8).enumerate().any(|(i, c)| {
+                    let want = entries.get(first + i).copied().unwrap_or(0);
+                    u64::from_le_bytes(c.try_into().expect("8 bytes")) != want
+                });
+                if differs {
+                    changed.push((start / LOG_SECTOR_SIZE as u64) + p as u64);
+                }
             }
+            start += n as u64;
         }
     }
-    let relocate = !fits || changed_pages > Txn::MAX_PAGES - 4;
+    let relocate = !fits || changed.len() > Txn::MAX_PAGES - 4;
 
     let mut regions = leaf.regions.clone();
     if relocate {
@@ -248,10 +253,15 @@ pub fn resize(
     if relocate {
         write_region_tables(&txn, &regions)?;
     } else {
-        let bytes: Vec<u8> = (0..span / 8)
-            .flat_map(|i| entries.get(i as usize).copied().unwrap_or(0).to_le_bytes())
-            .collect();
-        txn.write(bat_region.file_offset, &bytes)?;
+        let per_page = (LOG_SECTOR_SIZE / 8) as u64;
+        for &page in &changed {
+            let first = page * per_page;
+            let last = (first + per_page).min(span / 8);
+            let bytes: Vec<u8> = (first..last)
+                .flat_map(|i| entries.get(i as usize).copied().unwrap_or(0).to_le_bytes())
+                .collect();
+            txn.write(bat_region.file_offset + first * 8, &bytes)?;
+        }
     }
     txn.finish()?;
 
