@@ -237,6 +237,16 @@ fn bad_input_is_one_line_and_changes_nothing() {
     ours_ok(&["create", "-f", "vhdx", s(&gone), "16M"]);
     ours_ok(&["create", "-f", "vhdx", "-b", s(&gone), s(&orphan)]);
     std::fs::remove_file(&gone).unwrap();
+    let fixed = d.path().join("f.vhdx");
+    ours_ok(&[
+        "create",
+        "-f",
+        "vhdx",
+        "-o",
+        "subformat=fixed",
+        s(&fixed),
+        "8M",
+    ]);
     let snapshot = |p: &Path| std::fs::read(p).unwrap();
     let cases: Vec<(Vec<&str>, &Path, &str)> = vec![
         (vec!["resize", s(&img), "1000"], &img, "sector"),
@@ -247,6 +257,8 @@ fn bad_input_is_one_line_and_changes_nothing() {
         (vec!["resize", s(&parent), "32M"], &parent, "parent"),
         (vec!["resize", s(&orphan), "32M"], &orphan, "parent"),
         (vec!["compact", s(&orphan)], &orphan, "parent"),
+        (vec!["compact", s(&fixed)], &fixed, "fixed"),
+        (vec!["resize", "--shrink", s(&img), "0"], &img, "sector"),
     ];
     for (args, file, needle) in cases {
         let before = snapshot(file);

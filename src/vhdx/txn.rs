@@ -184,3 +184,53 @@ impl Txn {
         &self.storage
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::vhdx::create::{create_on, CreateOptions};
+    use crate::vhdx::file::VhdxFile;
+    use crate::vhdx::storage::MemStorage;
+
+    #[test]
+    fn a_batch_larger_than_one_log_entry_is_refused_and_a_finished_one_leaves_a_clean_log() {
+        let m = Arc::new(MemStorage::default());
+        let options = CreateOptions {
+            virtual_size: Some(64 << 20),
+            ..Default::default()
+        };
+        create_on(&*m, &options).unwrap();
+        let f = VhdxFile::open_storage(m.clone(), "t.vhdx".into(), true).unwrap();
+        let headers = f.current_headers();
+        let txn = Txn::begin(m.clone(), &headers, false).unwrap();
+        // Pages of the free space after the structures: staged, not yet in the file.
+        let base = m.len().unwrap();
+        for i in 0..=Txn::MAX_PAGES as u64 {
+            txn.write(base + i * 4096, &[0xa5; 8]).unwrap();
+        }
+        assert_eq!(txn.staged(), Txn::MAX_PAGES + 1);
+        assert!(txn.commit().is_err());
+        let mut b = [0u8; 8];
+        m.read_at(&mut b, base).unwrap();
+        assert_eq!(b, [0; 8], "nothing written in place");
+        drop(txn);
+        drop(f);
+
+        // (Reopening replays the abandoned session's empty log, which renews the GUIDs.)
+        let f = VhdxFile::open_storage(m.clone(), "t.vhdx".into(), true).unwrap();
+        let data_guid = f.data_write_guid();
+        let txn = Txn::begin(m.clone(), &f.current_headers(), false).unwrap();
+        txn.write(base, &[0x5a; 8]).unwrap();
+        txn.finish().unwrap();
+        m.read_at(&mut b, base).unwrap();
+        assert_eq!(b, [0x5a; 8]);
+        drop(f);
+        let f = VhdxFile::open_storage(m, "t.vhdx".into(), false).unwrap();
+        assert_eq!(f.log_state, crate::vhdx::LogState::Clean);
+        assert_eq!(
+            f.data_write_guid(),
+            data_guid,
+            "contents unchanged: same DataWriteGuid"
+        );
+    }
+}
