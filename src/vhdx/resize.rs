@@ -133,6 +133,13 @@ pub fn resize(
     let file_len = storage.len().map_err(io("reading the file size"))?;
     let mut end = align_up(used_end.max(file_len), MIB).unwrap_or(used_end);
 
+    // Until the switch, a failure (say, no space for a fixed disk's blocks) gives back what
+    // was appended, so that bad luck leaves the file as it was.
+    let mut restore = RestoreLength {
+        storage: Arc::clone(&storage),
+        len: Some(file_len),
+    };
+
     // Old last block's tail: invisible now, visible after a grow.
     if !shrinking && old_size % bs != 0 {
         let (state, entry) = leaf.bat.payload(old_size / bs);
@@ -239,6 +246,7 @@ pub fn resize(
     }
 
     // The switch: one log entry.
+    restore.len = None;
     let txn = Txn::begin(Arc::clone(&storage), &leaf.current_headers(), true)?;
     let md = leaf
         .metadata
@@ -302,6 +310,22 @@ pub fn resize(
     drop(chain);
     progress(1, 1);
     Ok(report)
+}
+
+/// Cuts the file back to `len` when dropped, unless `len` was taken away.
+struct RestoreLength {
+    storage: Arc<dyn Storage>,
+    len: Option<u64>,
+}
+
+impl Drop for RestoreLength {
+    fn drop(&mut self) {
+        if let Some(len) = self.len {
+            if self.storage.len().is_ok_and(|now| now > len) {
+                let _ = self.storage.set_len(len);
+            }
+        }
+    }
 }
 
 /// Writes a BAT straight into space nothing references yet, zero-padded to whole pages.
