@@ -547,3 +547,31 @@ fn every_crash_point_of_a_differencing_compact_recovers() {
         assert!(r.blocks_reclaimed >= 5, "{r:?}");
     });
 }
+
+#[test]
+fn every_crash_point_of_a_differencing_grow_recovers() {
+    let d = common::tempdir("crash-resize-");
+    let parent = d.path().join("parent.vhdx");
+    create::create(&parent, &dynamic(15 * MIB + 512)).unwrap();
+    let p = Chain::open(
+        &parent,
+        &vhost_user_vhdx::vhdx::ChainOptions {
+            writable: true,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    p.write_at(&vec![0x55; (15 * MIB + 512) as usize], 0)
+        .unwrap();
+    p.close().unwrap();
+    let opts = CreateOptions {
+        parent: Some(parent),
+        ..Default::default()
+    };
+    let setup = prepared(d.path(), &opts, &|c| {
+        c.write_at(&vec![0x66; 2 * MIB as usize], 4 * MIB).unwrap();
+        // The partial last block: in this file, past the parent's end after the grow.
+        c.write_at(&[0x67; 512], 15 * MIB).unwrap();
+    });
+    run("differencing grow", &setup, &grow(40 * MIB));
+}
