@@ -2,11 +2,13 @@
 //! habits and scripts carry over.
 
 pub mod check;
+pub mod commit;
 pub mod convert;
 pub mod create;
 pub mod info;
 pub mod io;
 pub mod options;
+pub mod rebase;
 pub mod serve;
 
 use std::path::PathBuf;
@@ -43,6 +45,10 @@ pub enum Command {
     Convert(convert::ConvertArgs),
     /// Run qemu-io style commands (write, read, discard, flush) on an image.
     Io(io::IoArgs),
+    /// Merge a differencing child into its parent (or every level down to -b BASE).
+    Commit(commit::CommitArgs),
+    /// Point a differencing child at its parent's new place (-u: the locator only).
+    Rebase(rebase::RebaseArgs),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Default)]
@@ -91,6 +97,8 @@ pub fn run(cli: Cli) -> CliResult<ExitCode> {
         Command::Check(a) => check::run(a),
         Command::Convert(a) => convert::run(a),
         Command::Io(a) => io::run(a),
+        Command::Commit(a) => commit::run(a),
+        Command::Rebase(a) => rebase::run(a),
     }
 }
 
