@@ -142,12 +142,11 @@ pub fn set_parent_locator(file: &mut VhdxFile, new: ParentLocator) -> Result<()>
     };
     patch(offset, &bytes)?;
     let entry_at = 32 + 32 * index as u64;
-    let mut entry = vec![0u8; 32];
-    let page = region.file_offset + entry_at;
-    let current = writer.metadata_page(page / PAGE * PAGE)?;
-    let within = (page % PAGE) as usize;
-    entry.copy_from_slice(&current[within..within + 32]);
-    let mut e = MetadataTableEntry::read_from_bytes(&entry[..]).expect("32 bytes");
+    let at = region.file_offset + entry_at;
+    let current = writer.metadata_page(at / PAGE * PAGE)?;
+    let within = (at % PAGE) as usize;
+    let (mut e, _) =
+        MetadataTableEntry::read_from_prefix(&current[within..]).expect("an entry fits a page");
     e.offset.set(offset as u32);
     e.length.set(len as u32);
     patch(entry_at, zerocopy::IntoBytes::as_bytes(&e))?;
@@ -266,4 +265,34 @@ fn check_fits(child: &VhdxFile, parent: &VhdxFile, new: &ParentLocator) -> Resul
         )));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::vhdx::metadata::MetadataItem;
+
+    fn item(offset: u32, length: u32) -> MetadataItem {
+        MetadataItem {
+            item_id: Uuid::new_v4(),
+            offset,
+            length,
+            is_user: false,
+            is_virtual_disk: false,
+            is_required: true,
+        }
+    }
+
+    #[test]
+    fn a_locator_stays_where_it_fits_and_moves_where_it_does_not() {
+        let t = METADATA_TABLE_SIZE as u32;
+        // The locator (index 1) between two items, 100 bytes of room.
+        let items = [item(t, 8), item(t + 8, 60), item(t + 108, 16)];
+        let region = 1 << 20;
+        assert_eq!(place(&items, 1, 100, region), Some(u64::from(t) + 8));
+        // Too long for its slot: after the last item, 8-byte aligned.
+        assert_eq!(place(&items, 1, 101, region), Some(u64::from(t) + 128));
+        // No room anywhere.
+        assert_eq!(place(&items, 1, region, region), None);
+    }
 }
