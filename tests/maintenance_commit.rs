@@ -316,3 +316,40 @@ fn rebase_relinks_a_moved_parent() {
     ours_ok(&["rebase", "-u", "--force", "-b", s(&other), s(&child)]);
     io(&child, &["read -P 0x21 1M 2M", "read -P 0 0 4096"]);
 }
+
+#[test]
+fn an_interrupted_commit_is_reported_and_finished_by_running_it_again() {
+    use vhost_user_vhdx::vhdx::rebase::{set_parent_locator, with_linkages};
+    use vhost_user_vhdx::vhdx::{DataWriteGuid, VhdxFile};
+
+    let dir = tempdir("commit-again-");
+    let (parent, child) = parent_and_child(dir.path(), "block_size=1M");
+    let before = dir.path().join("before.raw");
+    flatten(&child, &before);
+    // What a commit killed half-way leaves: the child records the parent's future identity G,
+    // and the parent has G and part of the child's data (where the child shadows it).
+    let g = uuid::Uuid::new_v4();
+    let mut c = VhdxFile::open_with(&child, DataWriteGuid::Keep).unwrap();
+    let old = c.metadata.parent_locator.as_ref().unwrap().linkages()[0];
+    let new = with_linkages(&c, old, Some(g)).unwrap();
+    set_parent_locator(&mut c, new).unwrap();
+    c.close().unwrap();
+    let p = VhdxFile::open_with(&parent, DataWriteGuid::Set(g)).unwrap();
+    p.write(MIB, &&vec![0x21u8; MIB as usize][..]).unwrap();
+    p.close().unwrap();
+
+    let out = ours_ok(&["check", s(&child)]);
+    assert!(
+        out.contains("parent_linkage2") && out.contains("has been changed"),
+        "{out}"
+    );
+    let out = ours_ok(&["info", s(&child)]);
+    assert!(out.contains("did not finish"), "{out}");
+    let during = dir.path().join("during.raw");
+    flatten(&child, &during);
+    assert_files_equal(&before, &during, "the chain in the middle of a commit");
+
+    ours_ok(&["commit", s(&child)]);
+    qemu_img_ok(&["compare", "-f", "raw", "-F", "vhdx", s(&before), s(&parent)]);
+    assert_qemu_img_check_clean(&parent, "parent after the commit ran again");
+}
