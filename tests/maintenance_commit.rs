@@ -158,6 +158,12 @@ fn commit_d_leaves_an_empty_valid_child() {
     let states = block_states(&child);
     assert_eq!(states["not_present"], 24, "{states}");
     assert_eq!(states.as_object().unwrap().len(), 1, "{states}");
+    // The emptied blocks' host space went back (the child held 7 MiB of data).
+    let actual = info(&child)["actual-size"].as_u64().unwrap();
+    assert!(
+        actual < 2 * MIB,
+        "the emptied child still uses {actual} bytes"
+    );
     our_check_clean(&child);
     our_check_clean(&parent);
     assert_qemu_img_check_clean(&parent, "committed parent");

@@ -112,9 +112,24 @@ pub fn commit(
             relinked(top, &target_path, target_guid, None)?
         };
         set_parent_locator(top, new)?;
+        let g = top.geometry();
+        let bs = u64::from(g.block_size);
         let writer = top.writer()?;
-        for block in 0..top.geometry().payload_blocks() {
+        let mut freed = Vec::new();
+        for block in 0..g.payload_blocks() {
+            let (state, entry) = top.bat.payload(block);
+            if state.has_data() {
+                freed.push(entry.file_offset());
+            }
             writer.unmap_to_parent(block)?;
+        }
+        // Once no durable BAT entry points at the old blocks, their host space goes back (the
+        // close only gives back the free tail of the file). Nothing writes them meanwhile.
+        writer.flush()?;
+        for offset in freed {
+            top.storage()
+                .punch_hole(offset, bs)
+                .map_err(|e| Error::io("giving back an emptied block's space", e))?;
         }
     }
     for f in layers {
