@@ -210,6 +210,43 @@ fn commit_b_merges_every_level_down_to_base() {
     assert_files_equal(&before, &by_pyvhdi, "pyvhdi's read of top over base");
 }
 
+#[test]
+fn commit_into_a_middle_level_reads_through_its_parent() {
+    let dir = tempdir("commit-mid-");
+    let (base, mid) = parent_and_child(dir.path(), "block_size=1M");
+    let top = dir.path().join("top.vhdx");
+    ours_ok(&["create", "-b", s(&mid), s(&top)]);
+    // Single sectors over blocks that only the base holds: the rest of each block must come
+    // from the base, through the middle level.
+    io(
+        &top,
+        &[
+            "write -P 0x61 12587008 4096",
+            "write -P 0x62 20M 8192",
+            "write -P 0x63 0 1M",
+        ],
+    );
+    let before = dir.path().join("before.raw");
+    flatten(&top, &before);
+    let base_before = dir.path().join("base.raw");
+    flatten(&base, &base_before);
+    ours_ok(&["commit", s(&top)]);
+    let after = dir.path().join("after.raw");
+    flatten(&mid, &after);
+    assert_files_equal(&before, &after, "the middle level after the commit");
+    let by_pyvhdi = dir.path().join("pyvhdi.raw");
+    pyvhdi_read_raw(&by_pyvhdi, &[&mid, &base]);
+    assert_files_equal(&before, &by_pyvhdi, "pyvhdi's read of the middle level");
+    let base_after = dir.path().join("base-after.raw");
+    flatten(&base, &base_after);
+    assert_files_equal(
+        &base_before,
+        &base_after,
+        "the base, which a commit into mid leaves",
+    );
+    our_check_clean(&mid);
+}
+
 /// Every file in `dir` with its bytes, to prove a refused command changed nothing.
 fn snapshot(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
     let mut v: Vec<_> = std::fs::read_dir(dir)

@@ -166,6 +166,7 @@ fn run_commit(
     commit(
         vec![top],
         &open_target,
+        Vec::new(),
         &CommitOptions { keep_top },
         &mut |_, _| {},
     )

@@ -43,11 +43,13 @@ pub struct CommitOptions {
 
 /// Commits `upper` (the top first, then the levels down to the target's child, all opened
 /// writable with [`DataWriteGuid::Keep`]) into the target, which `open_target(None)` opens
-/// read-only and `open_target(Some(g))` writable with DataWriteGuid `g`. `progress(done,
-/// total)` follows the copy. Every file is closed cleanly on success.
+/// read-only and `open_target(Some(g))` writable with DataWriteGuid `g`, whose own parents are
+/// `lower` (read-only; empty when the target is a base): the chain's view reads through them.
+/// `progress(done, total)` follows the copy. Every file is closed cleanly on success.
 pub fn commit(
     upper: Vec<VhdxFile>,
     open_target: &dyn Fn(Option<Uuid>) -> Result<VhdxFile>,
+    lower: Vec<VhdxFile>,
     options: &CommitOptions,
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<()> {
@@ -61,9 +63,12 @@ pub fn commit(
         )));
     }
     // 1. The chain as it is, checked.
+    let k = upper.len();
     let mut layers = upper;
     layers.push(open_target(None)?);
+    layers.extend(lower);
     let mut upper = Chain::from_layers(layers)?.into_layers();
+    let lower = upper.split_off(k + 1);
     drop(upper.pop());
 
     // 2. The target's future identity, recorded above it (or found there after a crash).
@@ -93,9 +98,11 @@ pub fn commit(
     // 3. and 4. The copy.
     let mut layers = upper;
     layers.push(open_target(Some(g))?);
+    layers.extend(lower);
     let chain = Chain::from_layers(layers)?;
-    copy_into_target(&chain, progress)?;
+    copy_into_target(&chain, k, progress)?;
     let mut layers = chain.into_layers();
+    drop(layers.split_off(k + 1));
     let target = layers.pop().expect("not empty");
     let target_path = target.path().to_path_buf();
     // G if anything was written; the old one if the levels above held nothing.
@@ -138,11 +145,11 @@ pub fn commit(
     Ok(())
 }
 
-/// Writes the chain's view of every range that a level above the target (the last layer)
-/// has something for into the target, then flushes it.
-fn copy_into_target(chain: &Chain, progress: &mut dyn FnMut(u64, u64)) -> Result<()> {
+/// Writes the chain's view of every range that a level above the target (layer `k`) has
+/// something for into the target, then flushes it.
+fn copy_into_target(chain: &Chain, k: usize, progress: &mut dyn FnMut(u64, u64)) -> Result<()> {
     let layers = chain.layers();
-    let (target, upper) = layers.split_last().expect("a target");
+    let (upper, target) = (&layers[..k], &layers[k]);
     let size = chain.virtual_size();
     let step = u64::from(target.geometry().block_size).min(STEP);
     let mut buf = vec![0u8; step as usize];
@@ -258,7 +265,11 @@ pub fn commit_files(
         None => VhdxFile::open(&target_path, false),
         Some(g) => VhdxFile::open_with(&target_path, DataWriteGuid::Set(g)),
     };
-    commit(upper, &open_target, options, progress)?;
+    let lower = paths[k + 1..]
+        .iter()
+        .map(|p| VhdxFile::open(p, false))
+        .collect::<Result<Vec<_>>>()?;
+    commit(upper, &open_target, lower, options, progress)?;
 
     let first = usize::from(options.keep_top);
     let mut removed = Vec::new();
