@@ -247,6 +247,36 @@ fn commit_into_a_middle_level_reads_through_its_parent() {
     our_check_clean(&mid);
 }
 
+#[test]
+fn a_child_with_children_is_kept_not_removed() {
+    let dir = tempdir("commit-kids-");
+    let (parent, child) = parent_and_child(dir.path(), "block_size=1M");
+    let grandchild = dir.path().join("grandchild.vhdx");
+    ours_ok(&["create", "-b", s(&child), s(&grandchild)]);
+    io(&grandchild, &["write -P 0x71 2M 4096"]);
+    let before = dir.path().join("before.raw");
+    flatten(&grandchild, &before);
+    refused(&["commit", s(&child)], "grandchild.vhdx is also a child of");
+    assert!(child.exists());
+    // With -d the child stays, reads the same and keeps its identity: the grandchild's chain
+    // still opens and reads as before.
+    ours_ok(&["commit", "-d", s(&child)]);
+    let after = dir.path().join("after.raw");
+    flatten(&grandchild, &after);
+    assert_files_equal(
+        &before,
+        &after,
+        "the grandchild's chain after commit -d of its parent",
+    );
+    let by_pyvhdi = dir.path().join("pyvhdi.raw");
+    pyvhdi_read_raw(&by_pyvhdi, &[&grandchild, &child, &parent]);
+    assert_files_equal(
+        &before,
+        &by_pyvhdi,
+        "pyvhdi's read of the grandchild's chain",
+    );
+}
+
 /// Every file in `dir` with its bytes, to prove a refused command changed nothing.
 fn snapshot(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
     let mut v: Vec<_> = std::fs::read_dir(dir)
@@ -284,6 +314,7 @@ fn bad_input_is_refused_and_nothing_changes() {
     let files = snapshot(dir.path());
 
     refused(&["commit", s(&child)], "sibling.vhdx is also a child");
+
     refused(&["commit", s(&other)], "has no parent");
     refused(&["commit", s(&text)], "text.vhdx");
     refused(

@@ -195,8 +195,8 @@ pub struct CommitReport {
 }
 
 /// `commit [-b BASE] [-d] CHILD` on files: validates the chain, refuses when a level that
-/// changes has other children in the directories of the chain (unless `force`), commits, and
-/// removes what the commit made invalid.
+/// changes or goes away has other children in the directories of the chain (unless `force`),
+/// commits, and removes what the commit made invalid.
 pub fn commit_files(
     top: &Path,
     base: Option<&Path>,
@@ -245,10 +245,12 @@ pub fn commit_files(
         }
     };
     if !force {
-        let others = other_children(&chain, k)?;
+        // The levels whose view changes, and the top too when it is removed.
+        let first = usize::from(options.keep_top);
+        let others = other_children(&chain, first, k)?;
         if let Some((child, parent)) = others.first() {
             return Err(Error::InvalidArgument(format!(
-                "{} is also a child of {}, which the commit changes (it would read wrong data); --force to commit anyway",
+                "{} is also a child of {}, which the commit changes or removes (it would read wrong data); --force to commit anyway",
                 child.display(),
                 parent.display()
             )));
@@ -302,11 +304,11 @@ fn canonical(p: &Path) -> PathBuf {
 }
 
 /// Differencing files in the chain's directories, not in the chain, whose parent is one of the
-/// levels 1..=k (the levels whose view a commit changes) and that accept its identity.
-fn other_children(chain: &Chain, k: usize) -> Result<Vec<(PathBuf, PathBuf)>> {
+/// levels `first..=k` and that accept its identity.
+fn other_children(chain: &Chain, first: usize, k: usize) -> Result<Vec<(PathBuf, PathBuf)>> {
     let layers = chain.layers();
     let ours: HashSet<PathBuf> = layers.iter().map(|l| canonical(l.path())).collect();
-    let changed: Vec<(PathBuf, Uuid, &Path)> = layers[1..=k]
+    let changed: Vec<(PathBuf, Uuid, &Path)> = layers[first..=k]
         .iter()
         .map(|l| (canonical(l.path()), l.data_write_guid(), l.path()))
         .collect();
