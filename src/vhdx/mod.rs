@@ -2,7 +2,7 @@
 //!
 //! One module per on-disk concept, named as in [MS-VHDX]: `format` (structures and constants),
 //! `header`, `region`, `metadata`, `locator`, `bat`, `bitmap`, `log`; then `file` (one open file),
-//! `chain` (a leaf and its parents), `create` and `check`.
+//! `chain` (a leaf and its parents), `create` and `check`; `commit` and `rebase` change chains.
 #![forbid(unsafe_code)]
 
 pub mod bat;

@@ -181,7 +181,7 @@ fn place(
     spans.sort_unstable();
     let free = |start: u64| -> bool {
         start >= METADATA_TABLE_SIZE as u64
-            && start + len <= region_len
+            && start + len <= region_len.min(u64::from(u32::MAX))
             && spans.iter().all(|&(s, e)| start + len <= s || start >= e)
     };
     let here = u64::from(items[index].offset);
