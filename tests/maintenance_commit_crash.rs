@@ -1,10 +1,11 @@
-//! Crash-point enumeration of `commit`: the commit of a child into its parent runs on storage
-//! that records every write, length change and flush of both files, in order. Then, at every
-//! boundary of that record, both files are rebuilt as a crash would leave them, their unflushed
-//! writes (a) all lost, (b) a random subset applied in random order, (c) torn at 4 KiB. Each
-//! pair must open as a chain, check clean, read exactly what the chain read before the commit
+//! Crash-point enumeration of `commit`: a commit (of a child into its parent, with and without
+//! -d; of a top into a middle level; of a top down two levels with -d) runs on storage that
+//! records every write, length change and flush of every file, in order. Then, at every
+//! boundary of that record, all files are rebuilt as a crash would leave them, their unflushed
+//! writes (a) all lost, (b) a random subset applied in random order, (c) torn at 4 KiB. The
+//! files must open as a chain, check clean, read exactly what the chain read before the commit
 //! (a commit never changes what the chain reads), and running the commit again must finish it:
-//! the parent alone then reads the same. The test prints
+//! the target (over its own parents) then reads the same. The test prints
 //! `crash points: N, recovered: N, flushed bytes lost: 0` (bytes of the chain that read wrong).
 
 mod common;
@@ -17,17 +18,15 @@ use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use uuid::Uuid;
-use vhost_user_vhdx::vhdx::check;
 use vhost_user_vhdx::vhdx::commit::{commit, CommitOptions};
 use vhost_user_vhdx::vhdx::create::{self, CreateOptions};
+use vhost_user_vhdx::vhdx::{chain, check};
 use vhost_user_vhdx::vhdx::{
     Chain, ChainOptions, DataWriteGuid, MemStorage, PayloadBlockState, Storage, VhdxFile,
 };
 
 const MIB: u64 = 1 << 20;
 const DISK: u64 = 8 * MIB + 64 * 1024;
-const TOP: usize = 0;
-const TARGET: usize = 1;
 
 #[derive(Clone)]
 enum Event {
@@ -69,15 +68,12 @@ impl Storage for Recorder {
     }
 }
 
-/// An event in a failure message (without the data).
+/// An event in a failure message (without the data); files are numbered from the top.
 fn describe(e: &Event) -> String {
-    let name = |f: usize| ["child", "parent"][f];
     match e {
-        Event::Write(f, off, data) => {
-            format!("write {} bytes at {off:#x} of the {}", data.len(), name(*f))
-        }
-        Event::SetLen(f, len) => format!("set the {}'s length to {len:#x}", name(*f)),
-        Event::Flush(f) => format!("flush the {}", name(*f)),
+        Event::Write(f, off, data) => format!("write {} bytes at {off:#x} of file {f}", data.len()),
+        Event::SetLen(f, len) => format!("set file {f}'s length to {len:#x}"),
+        Event::Flush(f) => format!("flush file {f}"),
     }
 }
 
@@ -95,13 +91,32 @@ fn apply(img: &mut Vec<u8>, e: &Event) {
     }
 }
 
-/// A parent with data and a child over it that overwrites some: whole blocks, single sectors
-/// (PARTIALLY_PRESENT), zeroed ranges (holes), a discard; returns what the chain reads.
-fn make_chain(dir: &Path) -> (PathBuf, PathBuf, Vec<u8>) {
-    let parent = dir.join("parent.vhdx");
+fn create_child(child: &Path, parent: &Path) {
+    create::create(
+        child,
+        &CreateOptions {
+            parent: Some(parent.to_path_buf()),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+}
+
+fn writable() -> ChainOptions {
+    ChainOptions {
+        writable: true,
+        ..Default::default()
+    }
+}
+
+/// A base with data and a child over it that overwrites some: whole blocks, single sectors
+/// (PARTIALLY_PRESENT), zeroed ranges (holes), a discard; with `three`, a top over the child
+/// with single sectors over blocks only the base holds. Returns the files, top first.
+fn make_chain(dir: &Path, three: bool) -> Vec<PathBuf> {
+    let base = dir.join("base.vhdx");
     let child = dir.join("child.vhdx");
     create::create(
-        &parent,
+        &base,
         &CreateOptions {
             virtual_size: Some(DISK),
             block_size: Some(MIB as u32),
@@ -109,11 +124,7 @@ fn make_chain(dir: &Path) -> (PathBuf, PathBuf, Vec<u8>) {
         },
     )
     .unwrap();
-    let writable = ChainOptions {
-        writable: true,
-        ..Default::default()
-    };
-    let c = Chain::open(&parent, &writable).unwrap();
+    let c = Chain::open(&base, &writable()).unwrap();
     let mut data = vec![0u8; DISK as usize];
     for (i, chunk) in data.chunks_mut(64 * 1024).enumerate() {
         if i % 5 != 2 {
@@ -122,15 +133,8 @@ fn make_chain(dir: &Path) -> (PathBuf, PathBuf, Vec<u8>) {
     }
     c.write_at(&data, 0).unwrap();
     c.close().unwrap();
-    create::create(
-        &child,
-        &CreateOptions {
-            parent: Some(parent.clone()),
-            ..Default::default()
-        },
-    )
-    .unwrap();
-    let c = Chain::open(&child, &writable).unwrap();
+    create_child(&child, &base);
+    let c = Chain::open(&child, &writable()).unwrap();
     c.write_at(&vec![0xa1; 2 * MIB as usize], MIB).unwrap();
     c.write_at(&[0xa2; 512], 4 * MIB + 4096).unwrap();
     c.write_at(&vec![0xa3; 3 * 512], 5 * MIB + 100 * 512)
@@ -140,34 +144,67 @@ fn make_chain(dir: &Path) -> (PathBuf, PathBuf, Vec<u8>) {
     c.discard(0, MIB).unwrap();
     c.write_at(&vec![0xa4; 64 * 1024], 8 * MIB).unwrap();
     c.close().unwrap();
-    let c = Chain::open(&child, &ChainOptions::default()).unwrap();
-    let mut expected = vec![0u8; DISK as usize];
-    c.read_at(&mut expected, 0).unwrap();
-    (parent, child, expected)
+    if !three {
+        return vec![child, base];
+    }
+    let top = dir.join("top.vhdx");
+    create_child(&top, &child);
+    let c = Chain::open(&top, &writable()).unwrap();
+    c.write_at(&[0xb1; 1024], 3 * MIB + 512).unwrap();
+    c.write_at(&vec![0xb2; MIB as usize], 5 * MIB).unwrap();
+    c.write_at(&[0xb3; 512], 7 * MIB).unwrap();
+    c.close().unwrap();
+    vec![top, child, base]
 }
 
-/// Runs the engine's commit on the two storages.
-fn run_commit(
-    top: Arc<dyn Storage>,
-    target: Arc<dyn Storage>,
-    paths: &(PathBuf, PathBuf),
+/// What the chain whose top is `path` reads.
+fn chain_reads(path: &Path) -> Vec<u8> {
+    let c = Chain::open(path, &ChainOptions::default()).unwrap();
+    read_all(&c).unwrap()
+}
+
+/// One commit: the files top first, the target's index among them (the files above it are
+/// committed into it; those below are its parents), and whether the top is kept (-d).
+struct Scenario {
+    files: Vec<PathBuf>,
+    target: usize,
     keep_top: bool,
-) -> vhost_user_vhdx::vhdx::Result<()> {
-    let top = VhdxFile::open_storage_with(top, paths.0.clone(), true, DataWriteGuid::Keep)?;
+}
+
+/// Runs the engine's commit on the storages (top first, one per file).
+fn run_commit(storages: &[Arc<dyn Storage>], sc: &Scenario) -> vhost_user_vhdx::vhdx::Result<()> {
+    let k = sc.target;
+    let upper = (0..k)
+        .map(|i| {
+            VhdxFile::open_storage_with(
+                Arc::clone(&storages[i]),
+                sc.files[i].clone(),
+                true,
+                DataWriteGuid::Keep,
+            )
+        })
+        .collect::<vhost_user_vhdx::vhdx::Result<Vec<_>>>()?;
+    let lower = (k + 1..sc.files.len())
+        .map(|i| VhdxFile::open_storage(Arc::clone(&storages[i]), sc.files[i].clone(), false))
+        .collect::<vhost_user_vhdx::vhdx::Result<Vec<_>>>()?;
+    let target = &storages[k];
+    let path = &sc.files[k];
     let open_target = |g: Option<Uuid>| match g {
-        None => VhdxFile::open_storage(Arc::clone(&target), paths.1.clone(), false),
+        None => VhdxFile::open_storage(Arc::clone(target), path.clone(), false),
         Some(g) => VhdxFile::open_storage_with(
-            Arc::clone(&target),
-            paths.1.clone(),
+            Arc::clone(target),
+            path.clone(),
             true,
             DataWriteGuid::Set(g),
         ),
     };
     commit(
-        vec![top],
+        upper,
         &open_target,
-        Vec::new(),
-        &CommitOptions { keep_top },
+        lower,
+        &CommitOptions {
+            keep_top: sc.keep_top,
+        },
         &mut |_, _| {},
     )
 }
@@ -188,62 +225,91 @@ fn bytes_differing(a: &[u8], b: &[u8]) -> u64 {
         * 512
 }
 
-fn clean(f: &VhdxFile, what: &str) -> Result<(), String> {
-    let r = check::check_file(f);
-    if r.corruptions.is_empty() {
-        Ok(())
-    } else {
-        Err(format!("check of the {what}: {:?}", r.corruptions))
+/// Opens files `from..` of the scenario read-only, checks each, and links them into a chain.
+fn open_chain(storages: &[Arc<dyn Storage>], sc: &Scenario, from: usize) -> Result<Chain, String> {
+    let mut layers = Vec::new();
+    for i in from..sc.files.len() {
+        let f = VhdxFile::open_storage(Arc::clone(&storages[i]), sc.files[i].clone(), false)
+            .map_err(|e| format!("open {}: {e}", sc.files[i].display()))?;
+        let r = check::check_file(&f);
+        if !r.corruptions.is_empty() {
+            return Err(format!(
+                "check of {}: {:?}",
+                sc.files[i].display(),
+                r.corruptions
+            ));
+        }
+        layers.push(f);
+    }
+    Chain::from_layers(layers).map_err(|e| format!("chain: {e}"))
+}
+
+/// The files as the top's locators link them now, as indices into `sc.files`: after a commit
+/// down two levels with -d has relinked the top, the level between is no longer in its chain.
+fn linked(storages: &[Arc<dyn Storage>], sc: &Scenario) -> Result<Vec<usize>, String> {
+    let canonical = |p: &Path| std::fs::canonicalize(p).unwrap();
+    let mut order = vec![0];
+    loop {
+        let i = *order.last().unwrap();
+        let f = VhdxFile::open_storage(Arc::clone(&storages[i]), sc.files[i].clone(), false)
+            .map_err(|e| format!("open {}: {e}", sc.files[i].display()))?;
+        if !f.is_differencing() {
+            return Ok(order);
+        }
+        let parent = chain::parent_path(&f).map_err(|e| e.to_string())?;
+        let j = sc
+            .files
+            .iter()
+            .position(|p| canonical(p) == canonical(&parent))
+            .ok_or_else(|| format!("{} is not one of the files", parent.display()))?;
+        order.push(j);
     }
 }
 
 /// The crash images of one point: open, check, read, then commit again and look at the result.
-fn verify(
-    top: Vec<u8>,
-    target: Vec<u8>,
-    paths: &(PathBuf, PathBuf),
-    expected: &[u8],
-    keep_top: bool,
-) -> Result<(), (String, u64)> {
-    let top: Arc<dyn Storage> = Arc::new(MemStorage::new(top));
-    let target: Arc<dyn Storage> = Arc::new(MemStorage::new(target));
+fn verify(images: Vec<Vec<u8>>, sc: &Scenario, expected: &[u8]) -> Result<(), (String, u64)> {
+    let all: Vec<Arc<dyn Storage>> = images
+        .into_iter()
+        .map(|b| Arc::new(MemStorage::new(b)) as Arc<dyn Storage>)
+        .collect();
+    // The chain as it is linked now, and the same commit on it (as `commit_files` finds it).
+    let order = linked(&all, sc).map_err(|e| (e, 0))?;
+    let storages: Vec<Arc<dyn Storage>> = order.iter().map(|&i| Arc::clone(&all[i])).collect();
+    let sc = &Scenario {
+        files: order.iter().map(|&i| sc.files[i].clone()).collect(),
+        target: order
+            .iter()
+            .position(|&i| i == sc.target)
+            .ok_or_else(|| ("the target left the chain".to_string(), 0))?,
+        keep_top: sc.keep_top,
+    };
     {
-        let open = |s: &Arc<dyn Storage>, p: &PathBuf| {
-            VhdxFile::open_storage(Arc::clone(s), p.clone(), false)
-                .map_err(|e| (format!("open {}: {e}", p.display()), 0))
-        };
-        let layers = vec![open(&top, &paths.0)?, open(&target, &paths.1)?];
-        clean(&layers[0], "child").map_err(|e| (e, 0))?;
-        clean(&layers[1], "parent").map_err(|e| (e, 0))?;
-        let chain = Chain::from_layers(layers).map_err(|e| (format!("chain: {e}"), 0))?;
+        let chain = open_chain(&storages, sc, 0).map_err(|e| (e, 0))?;
         let got = read_all(&chain).map_err(|e| (e, 0))?;
         let lost = bytes_differing(&got, expected);
         if lost > 0 {
             return Err(("the chain reads differently".into(), lost));
         }
     }
-    run_commit(Arc::clone(&top), Arc::clone(&target), paths, keep_top)
-        .map_err(|e| (format!("commit again: {e}"), 0))?;
-    let parent = VhdxFile::open_storage(Arc::clone(&target), paths.1.clone(), false)
-        .map_err(|e| (format!("open the parent after the second commit: {e}"), 0))?;
-    clean(&parent, "parent after the second commit").map_err(|e| (e, 0))?;
-    let alone = Chain::from_layers(vec![parent]).map_err(|e| (e.to_string(), 0))?;
-    let got = read_all(&alone).map_err(|e| (e, 0))?;
-    if got != expected {
-        return Err(("the parent does not read what the chain did".into(), 0));
+    run_commit(&storages, sc).map_err(|e| (format!("commit again: {e}"), 0))?;
+    let alone = open_chain(&storages, sc, sc.target)
+        .map_err(|e| (format!("after the second commit: {e}"), 0))?;
+    if read_all(&alone).map_err(|e| (e, 0))? != expected {
+        return Err(("the target does not read what the chain did".into(), 0));
     }
-    if keep_top {
-        let child = VhdxFile::open_storage(top, paths.0.clone(), false)
-            .map_err(|e| (format!("open the child after the second commit: {e}"), 0))?;
-        let g = child.geometry();
-        if (0..g.payload_blocks()).any(|b| child.bat.payload(b).0 != PayloadBlockState::NotPresent)
-        {
-            return Err(("the kept child is not empty".into(), 0));
+    if sc.keep_top {
+        let top = VhdxFile::open_storage(Arc::clone(&storages[0]), sc.files[0].clone(), false)
+            .map_err(|e| (format!("open the kept top: {e}"), 0))?;
+        let g = top.geometry();
+        if (0..g.payload_blocks()).any(|b| top.bat.payload(b).0 != PayloadBlockState::NotPresent) {
+            return Err(("the kept top is not empty".into(), 0));
         }
-        let chain = Chain::from_layers(vec![child, alone.into_layers().remove(0)])
-            .map_err(|e| (format!("the kept child over its parent: {e}"), 0))?;
+        let mut layers = vec![top];
+        layers.extend(alone.into_layers());
+        let chain = Chain::from_layers(layers)
+            .map_err(|e| (format!("the kept top over the target: {e}"), 0))?;
         if read_all(&chain).map_err(|e| (e, 0))? != expected {
-            return Err(("the kept child's chain reads differently".into(), 0));
+            return Err(("the kept top's chain reads differently".into(), 0));
         }
     }
     Ok(())
@@ -256,26 +322,30 @@ struct Outcome {
     failures: Vec<String>,
 }
 
-fn enumerate(seed: u64, keep_top: bool) -> Outcome {
+fn enumerate(seed: u64, three: bool, target: usize, keep_top: bool) -> Outcome {
     let mut rng = StdRng::seed_from_u64(seed);
     let dir = common::tempdir("commit-crash-");
-    let (parent, child, expected) = make_chain(dir.path());
-    let paths = (child, parent);
-    let initial = [
-        std::fs::read(&paths.0).unwrap(),
-        std::fs::read(&paths.1).unwrap(),
-    ];
-    let events = Arc::new(Mutex::new(Vec::new()));
-    let rec = |file: usize| -> Arc<dyn Storage> {
-        Arc::new(Recorder {
-            file,
-            mem: MemStorage::new(initial[file].clone()),
-            events: Arc::clone(&events),
-        })
+    let files = make_chain(dir.path(), three);
+    let expected = chain_reads(&files[0]);
+    let sc = Scenario {
+        files,
+        target,
+        keep_top,
     };
-    run_commit(rec(TOP), rec(TARGET), &paths, keep_top).unwrap();
+    let initial: Vec<Vec<u8>> = sc.files.iter().map(|p| std::fs::read(p).unwrap()).collect();
+    let events = Arc::new(Mutex::new(Vec::new()));
+    let storages: Vec<Arc<dyn Storage>> = (0..initial.len())
+        .map(|file| {
+            Arc::new(Recorder {
+                file,
+                mem: MemStorage::new(initial[file].clone()),
+                events: Arc::clone(&events),
+            }) as Arc<dyn Storage>
+        })
+        .collect();
+    run_commit(&storages, &sc).unwrap();
     let events = events.lock().unwrap().clone();
-    for f in [TOP, TARGET] {
+    for f in [target - 1, target] {
         assert!(
             events
                 .iter()
@@ -283,9 +353,15 @@ fn enumerate(seed: u64, keep_top: bool) -> Outcome {
             "the commit wrote nothing to file {f}"
         );
     }
+    assert!(
+        !events
+            .iter()
+            .any(|e| matches!(e, Event::Write(x, ..) | Event::SetLen(x, _) if *x > target)),
+        "the commit wrote to a parent of its target"
+    );
 
     let mut durable = initial.clone();
-    let mut pending: [Vec<usize>; 2] = [Vec::new(), Vec::new()];
+    let mut pending: Vec<Vec<usize>> = vec![Vec::new(); initial.len()];
     let mut out = Outcome {
         points: 0,
         recovered: 0,
@@ -307,8 +383,7 @@ fn enumerate(seed: u64, keep_top: bool) -> Outcome {
                 break;
             }
             let mut images = durable.clone();
-            for f in [TOP, TARGET] {
-                let img = &mut images[f];
+            for (f, img) in images.iter_mut().enumerate() {
                 match variant {
                     0 => {}
                     1 => {
@@ -346,8 +421,7 @@ fn enumerate(seed: u64, keep_top: bool) -> Outcome {
                 }
             }
             out.points += 1;
-            let [top, target] = images;
-            match verify(top, target, &paths, &expected, keep_top) {
+            match verify(images, &sc, &expected) {
                 Ok(()) => out.recovered += 1,
                 Err((msg, lost)) => {
                     out.lost += lost;
@@ -364,8 +438,8 @@ fn enumerate(seed: u64, keep_top: bool) -> Outcome {
     out
 }
 
-fn run(seed: u64, keep_top: bool) {
-    let out = enumerate(seed, keep_top);
+fn run(seed: u64, three: bool, target: usize, keep_top: bool) {
+    let out = enumerate(seed, three, target, keep_top);
     println!(
         "crash points: {}, recovered: {}, flushed bytes lost: {}",
         out.points, out.recovered, out.lost
@@ -382,10 +456,20 @@ fn run(seed: u64, keep_top: bool) {
 
 #[test]
 fn every_crash_point_of_a_commit_recovers() {
-    run(11, false);
+    run(11, false, 1, false);
 }
 
 #[test]
 fn every_crash_point_of_a_commit_keeping_the_child_recovers() {
-    run(12, true);
+    run(12, false, 1, true);
+}
+
+#[test]
+fn every_crash_point_of_a_commit_into_a_middle_level_recovers() {
+    run(13, true, 1, false);
+}
+
+#[test]
+fn every_crash_point_of_a_commit_down_two_levels_keeping_the_top_recovers() {
+    run(14, true, 2, true);
 }
