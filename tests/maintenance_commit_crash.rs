@@ -228,16 +228,12 @@ fn bytes_differing(a: &[u8], b: &[u8]) -> u64 {
 /// Opens files `from..` of the scenario read-only, checks each, and links them into a chain.
 fn open_chain(storages: &[Arc<dyn Storage>], sc: &Scenario, from: usize) -> Result<Chain, String> {
     let mut layers = Vec::new();
-    for i in from..sc.files.len() {
-        let f = VhdxFile::open_storage(Arc::clone(&storages[i]), sc.files[i].clone(), false)
-            .map_err(|e| format!("open {}: {e}", sc.files[i].display()))?;
+    for (storage, path) in storages.iter().zip(&sc.files).skip(from) {
+        let f = VhdxFile::open_storage(Arc::clone(storage), path.clone(), false)
+            .map_err(|e| format!("open {}: {e}", path.display()))?;
         let r = check::check_file(&f);
         if !r.corruptions.is_empty() {
-            return Err(format!(
-                "check of {}: {:?}",
-                sc.files[i].display(),
-                r.corruptions
-            ));
+            return Err(format!("check of {}: {:?}", path.display(), r.corruptions));
         }
         layers.push(f);
     }
