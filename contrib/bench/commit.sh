@@ -79,7 +79,7 @@ fio=$(awk -v r="$r" -v w="$w" 'BEGIN { print r + w }')
 
 printf '%-10s %10s %10s\n' job seconds "MB/s"
 printf '%-10s %10.2f %10s\n' ours "$ours" "$(rate "$half" "$ours")"
-printf '%-10s %10.2f %10s\n' fio-copy "$fio" "$(rate "$half" "$fio")"
+printf '%-10s %10.2f %10s   (read %.2f s + write %.2f s)\n' fio-copy "$fio" "$(rate "$half" "$fio")" "$r" "$w"
 printf '%-10s %10.2f %10s\n' qemu "$qemu" "$(rate "$half" "$qemu")"
 awk -v o="$ours" -v f="$fio" -v q="$qemu" 'BEGIN {
     printf "ours / fio-copy = %.2fx (target >= 0.8x: %s)   ours / qemu = %.2fx\n",
