@@ -427,3 +427,31 @@ fn an_interrupted_commit_is_reported_and_finished_by_running_it_again() {
     qemu_img_ok(&["compare", "-f", "raw", "-F", "vhdx", s(&before), s(&parent)]);
     assert_qemu_img_check_clean(&parent, "parent after the commit ran again");
 }
+
+#[test]
+fn commit_into_a_parent_windows_made() {
+    // DiscUtils' file, made by Windows (its own layout of regions, metadata and log).
+    let (dir, parent) = common::fixture("discutils-btrfs");
+    let child = dir.path().join("child.vhdx");
+    ours_ok(&["create", "-b", s(&parent), s(&child)]);
+    io(
+        &child,
+        &[
+            "write -P 0x81 0 1M",
+            "write -P 0x82 3M 4096",
+            "write -z 5M 64k",
+        ],
+    );
+    let before = dir.path().join("before.raw");
+    flatten(&child, &before);
+    ours_ok(&["commit", s(&child)]);
+    assert_qemu_img_check_clean(&parent, "committed Windows-made parent");
+    qemu_img_ok(&["compare", "-f", "raw", "-F", "vhdx", s(&before), s(&parent)]);
+    let by_pyvhdi = dir.path().join("pyvhdi.raw");
+    pyvhdi_read_raw(&by_pyvhdi, &[&parent]);
+    assert_files_equal(
+        &before,
+        &by_pyvhdi,
+        "pyvhdi's read of the Windows-made parent",
+    );
+}
