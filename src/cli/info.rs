@@ -248,6 +248,11 @@ fn print_human(info: &ImageInfo) {
         for (k, v) in l {
             println!("        {k}: {v}");
         }
+        if l.contains_key(crate::vhdx::locator::KEY_PARENT_LINKAGE2) {
+            println!(
+                "    parent_linkage2: a commit into the parent started and did not finish (the chain reads as before; run `commit` again to finish it)"
+            );
+        }
     }
     if d.chain.len() > 1 {
         println!("Parent chain:");

@@ -3,12 +3,14 @@
 
 pub mod check;
 pub mod compact;
+pub mod commit;
 pub mod convert;
 pub mod create;
 pub mod info;
 pub mod io;
 pub mod options;
 pub mod resize;
+pub mod rebase;
 pub mod serve;
 
 use std::path::PathBuf;
@@ -49,6 +51,10 @@ pub enum Command {
     Resize(resize::ResizeArgs),
     /// Give back the space of all-zero blocks and pack the file (the disk reads the same).
     Compact(compact::CompactArgs),
+    /// Merge a differencing child into its parent (or every level down to -b BASE).
+    Commit(commit::CommitArgs),
+    /// Point a differencing child at its parent's new place (-u: the locator only).
+    Rebase(rebase::RebaseArgs),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Default)]
@@ -99,6 +105,8 @@ pub fn run(cli: Cli) -> CliResult<ExitCode> {
         Command::Io(a) => io::run(a),
         Command::Resize(a) => resize::run(a),
         Command::Compact(a) => compact::run(a),
+        Command::Commit(a) => commit::run(a),
+        Command::Rebase(a) => rebase::run(a),
     }
 }
 

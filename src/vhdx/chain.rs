@@ -102,6 +102,11 @@ impl Chain {
         Ok(Chain { layers })
     }
 
+    /// The files, leaf first, for an operation that changes more than the leaf (commit).
+    pub fn into_layers(self) -> Vec<VhdxFile> {
+        self.layers
+    }
+
     pub fn leaf(&self) -> &VhdxFile {
         &self.layers[0]
     }
@@ -286,6 +291,15 @@ fn open_error(path: &Path, e: Error) -> Error {
 fn host_path(windows: &str) -> PathBuf {
     let stripped = windows.strip_prefix(r"\\?\").unwrap_or(windows);
     PathBuf::from(stripped.replace('\\', "/"))
+}
+
+/// Where the parent of the differencing file `child` is, by its locator's paths (not checked
+/// for identity: [`Chain::from_layers`] does that).
+pub fn parent_path(child: &VhdxFile) -> Result<PathBuf> {
+    let locator = child.metadata.parent_locator.as_ref().ok_or_else(|| {
+        Error::InvalidArgument(format!("{} has no parent", child.path().display()))
+    })?;
+    find_parent(child.path(), locator)
 }
 
 /// Tries the locator's paths in the spec's order: relative_path against the child's directory,

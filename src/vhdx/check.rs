@@ -10,8 +10,9 @@ use std::path::{Path, PathBuf};
 use super::bat::Bat;
 use super::chain::{Chain, ChainOptions};
 use super::error::Error;
-use super::file::{LogState, VhdxFile};
+use super::file::{DataWriteGuid, LogState, VhdxFile};
 use super::format::*;
+use super::locator;
 use super::space::FreeSpace;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -72,7 +73,15 @@ pub fn check(path: &Path, repair: Repair, parent_overrides: &[PathBuf]) -> Check
             .push("the log holds changes that were never applied (repair with -r all)".into());
     }
     let open_writable = writable && (!pending_log || repair == Repair::All);
-    let file = match VhdxFile::open(path, open_writable) {
+    // A repair keeps DataWriteGuid: replaying restores what the last session wrote under the
+    // GUID it already set, and a parent in the middle of a commit must keep the one its child
+    // accepts (parent_linkage2).
+    let opened = if open_writable {
+        VhdxFile::open_with(path, DataWriteGuid::Keep)
+    } else {
+        VhdxFile::open(path, false)
+    };
+    let file = match opened {
         Ok(f) => f,
         Err(e) => {
             record_open_error(&mut report, e);
@@ -102,6 +111,7 @@ pub fn check(path: &Path, repair: Repair, parent_overrides: &[PathBuf]) -> Check
         };
         match Chain::open(path, &options) {
             Ok(chain) => {
+                note_linkage2(&chain, &mut report);
                 for layer in &chain.layers()[1..] {
                     if matches!(layer.log_state, LogState::ReplayedInMemory { .. }) {
                         report.notes.push(format!(
@@ -115,6 +125,33 @@ pub fn check(path: &Path, repair: Repair, parent_overrides: &[PathBuf]) -> Check
         }
     }
     report
+}
+
+/// A child whose locator holds parent_linkage2 is in the middle of a commit into its parent
+/// (or one was interrupted): say which of the two identities the parent has.
+fn note_linkage2(chain: &Chain, report: &mut CheckReport) {
+    for pair in chain.layers().windows(2) {
+        let Some(l) = pair[0].metadata.parent_locator.as_ref() else {
+            continue;
+        };
+        let Some(l2) = l
+            .get(locator::KEY_PARENT_LINKAGE2)
+            .and_then(locator::parse_guid_string)
+        else {
+            continue;
+        };
+        let state = if pair[1].data_write_guid() == l2 {
+            "has been changed by it"
+        } else {
+            "is not changed yet"
+        };
+        report.notes.push(format!(
+            "{} records parent_linkage2 {}: a commit into {} started and did not finish; the parent {state}, the chain reads as before; run `commit` again to finish it",
+            pair[0].path().display(),
+            locator::format_guid_string(l2),
+            pair[1].path().display()
+        ));
+    }
 }
 
 /// The checks of an open file: BAT entries and space. (Opening already validated every

@@ -153,7 +153,7 @@ fn parent_facts(child: &Path, parent_path: &Path) -> Result<ParentFacts> {
 /// locator's relative path count `..` components as directories (`../c/child.vhdx` over
 /// `/x/b/p.vhdx` recorded `..\..\..\b\p.vhdx`) and put `..` into the `\\?\` absolute path,
 /// where Windows does not resolve it.
-fn resolved(path: &Path) -> Result<PathBuf> {
+pub(crate) fn resolved(path: &Path) -> Result<PathBuf> {
     let name = path
         .file_name()
         .ok_or_else(|| Error::InvalidArgument(format!("{} is not a file name", path.display())))?;
@@ -167,7 +167,7 @@ fn resolved(path: &Path) -> Result<PathBuf> {
 }
 
 /// `target` relative to `base` (both absolute), with `..` where needed.
-fn relative_path(base: &Path, target: &Path) -> Option<PathBuf> {
+pub(crate) fn relative_path(base: &Path, target: &Path) -> Option<PathBuf> {
     let base: Vec<Component> = base.components().collect();
     let target: Vec<Component> = target.components().collect();
     let common = base.iter().zip(&target).take_while(|(a, b)| a == b).count();

@@ -41,6 +41,19 @@ pub enum LogState {
     ReplayedInMemory { entries: usize },
 }
 
+/// What a writable open does to DataWriteGuid, which the file's children record as their
+/// parent's identity.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DataWriteGuid {
+    /// A new one when the log is replayed and at the first change (any writer's rule).
+    New,
+    /// Keep the file's own: changes that leave its data as it reads (a parent locator, a
+    /// child emptied into its parent), so that the file's own children stay valid.
+    Keep,
+    /// Set this one: the target of a commit, whose children already accept it.
+    Set(Uuid),
+}
+
 pub struct VhdxFile {
     path: PathBuf,
     storage: Arc<dyn Storage>,
@@ -76,7 +89,21 @@ impl VhdxFile {
         Self::open_file(path, false, false)
     }
 
+    /// Opens writable, treating DataWriteGuid as `guid` says (see [`DataWriteGuid`]).
+    pub fn open_with(path: &Path, guid: DataWriteGuid) -> Result<VhdxFile> {
+        Self::open_file_with(path, true, true, guid)
+    }
+
     fn open_file(path: &Path, writable: bool, lock: bool) -> Result<VhdxFile> {
+        Self::open_file_with(path, writable, lock, DataWriteGuid::New)
+    }
+
+    fn open_file_with(
+        path: &Path,
+        writable: bool,
+        lock: bool,
+        guid: DataWriteGuid,
+    ) -> Result<VhdxFile> {
         let file: File = OpenOptions::new()
             .read(true)
             .write(writable)
@@ -94,7 +121,7 @@ impl VhdxFile {
             super::lock::lock_image(&file, writable)
                 .map_err(|e| Error::Locked(format!("{}: {e}", path.display())))?;
         }
-        Self::open_storage(Arc::new(file), path.to_path_buf(), writable)
+        Self::open_storage_with(Arc::new(file), path.to_path_buf(), writable, guid)
     }
 
     /// Opens a VHDX held by any [`Storage`]; `path` is used for messages and to find parents.
@@ -102,6 +129,16 @@ impl VhdxFile {
         storage: Arc<dyn Storage>,
         path: PathBuf,
         writable: bool,
+    ) -> Result<VhdxFile> {
+        Self::open_storage_with(storage, path, writable, DataWriteGuid::New)
+    }
+
+    /// [`VhdxFile::open_storage`] with a choice of what happens to DataWriteGuid.
+    pub fn open_storage_with(
+        storage: Arc<dyn Storage>,
+        path: PathBuf,
+        writable: bool,
+        guid: DataWriteGuid,
     ) -> Result<VhdxFile> {
         let size = storage
             .len()
@@ -125,7 +162,12 @@ impl VhdxFile {
                 size,
             )?;
             if writable {
-                replay_into_file(&*storage, &mut headers, &plan)?;
+                let data_guid = match guid {
+                    DataWriteGuid::New => Uuid::new_v4(),
+                    DataWriteGuid::Keep => headers.current.data_write_guid,
+                    DataWriteGuid::Set(g) => g,
+                };
+                replay_into_file(&*storage, &mut headers, &plan, data_guid)?;
                 log_state = LogState::Replayed {
                     entries: plan.entries,
                 };
@@ -204,6 +246,11 @@ impl VhdxFile {
                 log_length: u64::from(h.log_length),
                 used: file.used_extents(),
                 headers: file.headers.clone(),
+                data_write_guid: match guid {
+                    DataWriteGuid::New => None,
+                    DataWriteGuid::Keep => Some(file.headers.current.data_write_guid),
+                    DataWriteGuid::Set(g) => Some(g),
+                },
             }));
         }
         Ok(file)
@@ -250,7 +297,7 @@ impl VhdxFile {
         self.writer.is_some()
     }
 
-    fn writer(&self) -> Result<&Writer> {
+    pub(crate) fn writer(&self) -> Result<&Writer> {
         self.writer.as_ref().ok_or(Error::ReadOnly)
     }
 
@@ -432,13 +479,19 @@ fn log_extent(headers: &Headers, size: u64) -> Result<Option<(u64, u64)>> {
     Ok(Some((offset, length)))
 }
 
-/// Replays the log into a writable file. The first header update of the session gets new
-/// File- and DataWriteGuids before anything else changes (replay modifies the file and its
+/// Replays the log into a writable file. The first header update of the session gets a new
+/// FileWriteGuid and the DataWriteGuid `data_guid` (new, unless a commit or rebase needs the
+/// file's identity kept or set) before anything else changes (replay modifies the file and its
 /// metadata, §6.9 of the notes); once the changes are durable, the log is closed.
-fn replay_into_file(storage: &dyn Storage, headers: &mut Headers, plan: &ReplayPlan) -> Result<()> {
+fn replay_into_file(
+    storage: &dyn Storage,
+    headers: &mut Headers,
+    plan: &ReplayPlan,
+    data_guid: Uuid,
+) -> Result<()> {
     let mut h = headers.current;
     h.file_write_guid = Uuid::new_v4();
-    h.data_write_guid = Uuid::new_v4();
+    h.data_write_guid = data_guid;
     headers.update(storage, h)?;
     log::replay::apply(storage, plan)?;
     let mut h = headers.current;

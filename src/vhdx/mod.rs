@@ -2,7 +2,7 @@
 //!
 //! One module per on-disk concept, named as in [MS-VHDX]: `format` (structures and constants),
 //! `header`, `region`, `metadata`, `locator`, `bat`, `bitmap`, `log`; then `file` (one open file),
-//! `chain` (a leaf and its parents), `create` and `check`.
+//! `chain` (a leaf and its parents), `create` and `check`; `commit` and `rebase` change chains.
 #![forbid(unsafe_code)]
 
 pub mod bat;
@@ -11,6 +11,7 @@ pub mod buffers;
 pub mod chain;
 pub mod check;
 pub mod compact;
+pub mod commit;
 pub mod create;
 pub mod error;
 pub mod file;
@@ -20,6 +21,7 @@ pub mod locator;
 pub mod lock;
 pub mod log;
 pub mod metadata;
+pub mod rebase;
 pub mod region;
 pub mod resize;
 pub mod space;
@@ -30,6 +32,6 @@ pub mod write;
 pub use buffers::{ReadTarget, WriteSource, Zeros};
 pub use chain::{Chain, ChainOptions, Extent, Extents, ReadSource};
 pub use error::{ChainError, Corruption, Error, Result};
-pub use file::{LogState, Source, VhdxFile};
+pub use file::{DataWriteGuid, LogState, Source, VhdxFile};
 pub use format::PayloadBlockState;
 pub use storage::{MemStorage, Storage};

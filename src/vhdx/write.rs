@@ -18,6 +18,7 @@
 //! in parallel; state changes (allocation, trim) take the write side, so two writers allocate a
 //! block once and a trim never frees space a write is still landing in.
 
+use std::collections::BTreeMap;
 use std::io;
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, RwLock};
 
@@ -41,10 +42,19 @@ struct MetadataPages {
     bat: Arc<Bat>,
     bitmaps: Arc<BitmapCache>,
     bat_offset: u64,
+    other: Arc<Mutex<OtherPages>>,
 }
+
+/// New contents of metadata pages outside the BAT and the bitmaps (the metadata region), set
+/// by [`Writer::log_pages`]: the truth until the session ends, as the file may lag the log.
+type OtherPages = BTreeMap<u64, Box<[u8; LOG_SECTOR_SIZE]>>;
 
 impl PageSource for MetadataPages {
     fn page(&self, file_offset: u64, out: &mut [u8; LOG_SECTOR_SIZE]) -> io::Result<()> {
+        if let Some(p) = locked(&self.other).get(&file_offset) {
+            out.copy_from_slice(&p[..]);
+            return Ok(());
+        }
         let bat_end = self.bat_offset + self.bat.len() * 8;
         if (self.bat_offset..bat_end).contains(&file_offset) {
             // Entries past the table's end (the region's slack) keep what the file has.
@@ -89,6 +99,9 @@ pub struct Writer {
     session_init: Mutex<()>,
     session: OnceLock<Session>,
     poisoned: Mutex<Option<String>>,
+    /// The DataWriteGuid the session's first change sets; `None`: a new one.
+    data_write_guid: Option<Uuid>,
+    other_pages: Arc<Mutex<OtherPages>>,
 }
 
 pub struct WriterParts {
@@ -101,6 +114,9 @@ pub struct WriterParts {
     pub log_length: u64,
     pub used: Vec<(u64, u64)>,
     pub headers: Headers,
+    /// The DataWriteGuid the session's first change sets (a commit's target, or a file whose
+    /// data does not change); `None`: a new one, as the spec asks of any data change.
+    pub data_write_guid: Option<Uuid>,
 }
 
 fn locked<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -125,6 +141,8 @@ impl Writer {
             session_init: Mutex::new(()),
             session: OnceLock::new(),
             poisoned: Mutex::new(None),
+            data_write_guid: p.data_write_guid,
+            other_pages: Default::default(),
         }
     }
 
@@ -214,6 +232,7 @@ impl Writer {
             bat: Arc::clone(&self.bat),
             bitmaps: Arc::clone(&self.bitmaps),
             bat_offset: self.bat_offset,
+            other: Arc::clone(&self.other_pages),
         });
         let wal = self.io(
             "starting the log writer",
@@ -231,7 +250,7 @@ impl Writer {
         let mut headers = locked(&self.headers);
         let mut h = headers.current;
         h.file_write_guid = Uuid::new_v4();
-        h.data_write_guid = Uuid::new_v4();
+        h.data_write_guid = self.data_write_guid.unwrap_or_else(Uuid::new_v4);
         h.log_guid = log_guid;
         if let Err(e) = headers.update(&*self.storage, h) {
             self.poison(e.to_string());
@@ -560,5 +579,65 @@ impl Writer {
         };
         self.io("trimming the file", self.storage.set_len(end))?;
         self.io("flushing", self.storage.flush())
+    }
+}
+
+/// Changes made by the maintenance commands (commit, rebase) rather than by guest I/O.
+impl Writer {
+    /// The current contents of a metadata page: what [`Writer::log_pages`] set, else the file.
+    pub fn metadata_page(&self, file_offset: u64) -> Result<Box<[u8; LOG_SECTOR_SIZE]>> {
+        if let Some(p) = locked(&self.other_pages).get(&file_offset) {
+            return Ok(p.clone());
+        }
+        let mut out = Box::new([0u8; LOG_SECTOR_SIZE]);
+        self.storage
+            .read_at(&mut out[..], file_offset)
+            .map_err(|e| Error::io("reading a metadata page", e))?;
+        Ok(out)
+    }
+
+    /// Replaces whole 4 KiB pages of the metadata region through the log, all in one log
+    /// entry (they are marked dirty together), so a crash leaves all of them old or all new.
+    /// Durable at the next flush.
+    pub fn log_pages(&self, pages: Vec<(u64, Box<[u8; LOG_SECTOR_SIZE]>)>) -> Result<()> {
+        self.check_poison()?;
+        let s = self.session()?;
+        let offsets: Vec<u64> = pages.iter().map(|(o, _)| *o).collect();
+        locked(&self.other_pages).extend(pages);
+        self.mark_dirty(s, &offsets).map(drop)
+    }
+
+    /// Makes a block of a differencing file read from the parent again (NOT_PRESENT), giving
+    /// back its space: for a child emptied after its data was committed into the parent.
+    pub fn unmap_to_parent(&self, block: u64) -> Result<()> {
+        self.check_poison()?;
+        if !self.geometry.has_parent {
+            return Err(Error::InvalidArgument(
+                "only a differencing file reads from a parent".into(),
+            ));
+        }
+        let s = self.session()?;
+        let bs = u64::from(self.geometry.block_size);
+        let _exclusive = self
+            .stripe(block)
+            .write()
+            .unwrap_or_else(|e| e.into_inner());
+        let (state, entry) = self.bat.payload(block);
+        if state == PayloadBlockState::NotPresent {
+            return Ok(());
+        }
+        if state == PayloadBlockState::PartiallyPresent {
+            self.set_bits(s, block, 0, bs, false)?;
+        }
+        let index = self.geometry.payload_index(block);
+        let generation = self.publish(
+            s,
+            index,
+            BatEntry::new(PayloadBlockState::NotPresent.bits(), 0),
+        )?;
+        if state.has_data() {
+            locked(&s.space).release(entry.file_offset(), bs, generation);
+        }
+        Ok(())
     }
 }
