@@ -223,5 +223,6 @@ fn serve_connection(
     // The socket closes, then the queue threads finish what they hold and are joined.
     drop(conn);
     drop(handler);
+    crate::guest_memory::sweep();
     stopping
 }

@@ -550,7 +550,7 @@ impl VhostUserBackendReqHandlerMut for BlkHandler {
             Ok(m) => Arc::new(m),
             Err(e) => return self.refused(format!("mapping the in-flight region: {e}")),
         };
-        guest_memory::track_mapping(map.as_ptr() as usize, size);
+        guest_memory::track_mapping(map.as_ptr() as usize, size, map.clone());
         let part = queue_region_size(qs);
         let mut parts = Vec::new();
         for i in 0..usize::from(nq) {
