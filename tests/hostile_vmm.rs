@@ -15,89 +15,12 @@
 mod common;
 
 use std::os::fd::AsRawFd;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use common::frontend::*;
-use common::{s, Serve};
-
-/// What a thread may use of a core while nothing is asked of the device.
-const IDLE_SHARE: f64 = 0.25;
-/// Where the mark is written before the misbehaviour, and how long it is.
-const MARK_SECTOR: u64 = 2048;
-const MARK_LEN: usize = 64 * 1024;
-
-/// A fresh image and a `serve` on it.
-struct Case {
-    _dir: tempfile::TempDir,
-    image: PathBuf,
-    serve: Serve,
-}
-
-fn fresh(extra: &[&str]) -> Case {
-    let dir = common::tempdir("hostile-vmm-");
-    let image = dir.path().join("disk.vhdx");
-    common::ours_ok(&["create", "-q", s(&image), "64M"]);
-    let serve = Serve::start(dir.path(), &image, extra);
-    Case {
-        _dir: dir,
-        image,
-        serve,
-    }
-}
-
-impl Case {
-    /// A correct connection writes the mark and leaves.
-    fn write_mark(&mut self) {
-        let mem = Memory::new(0, 16 * MIB);
-        let mut f = Frontend::connect(&self.serve.socket);
-        f.start(&mem, &Setup::default());
-        f.write(&mem, 0, MARK_SECTOR, &pattern(1, MARK_LEN));
-        f.close();
-    }
-
-    /// A connection for misbehaving.
-    fn connect(&self) -> Frontend {
-        Frontend::connect(&self.serve.socket)
-    }
-
-    /// After the misbehaving front-end `f` did its thing (still connected): no death, no
-    /// spin, then it leaves and the common aftermath follows.
-    fn after(mut self, f: Frontend) {
-        self.serve
-            .assert_alive("while the misbehaving front-end was connected");
-        self.serve
-            .assert_no_spin(Duration::from_millis(700), IDLE_SHARE);
-        f.close();
-        self.aftermath();
-    }
-
-    /// Alive, idle, serving a correct front-end that finds the mark, clean exit on SIGTERM,
-    /// clean image.
-    fn aftermath(mut self) {
-        self.serve
-            .assert_alive("after the misbehaving front-end left");
-        self.serve
-            .assert_no_spin(Duration::from_millis(700), IDLE_SHARE);
-        let mem = Memory::new(0, 16 * MIB);
-        let mut g = self.connect();
-        g.start(&mem, &Setup::default());
-        assert!(
-            g.read(&mem, 0, MARK_SECTOR, MARK_LEN as u32) == pattern(1, MARK_LEN),
-            "the mark written before the misbehaviour does not read back"
-        );
-        let fresh = pattern(2, 8192);
-        g.write(&mem, 0, 8192, &fresh);
-        assert!(
-            g.read(&mem, 0, 8192, 8192) == fresh,
-            "a new write does not read back"
-        );
-        g.close();
-        self.serve.terminate_within(Duration::from_secs(2));
-        common::assert_qemu_img_check_clean(&self.image, "after the hostile front-end");
-    }
-}
+use common::{s, Case, Serve, MARK_LEN, MARK_SECTOR};
 
 /// The messages of [`Frontend::start`] for one ring, with any base, stopping at the first
 /// refusal.
@@ -115,7 +38,7 @@ fn ring_up(f: &Frontend, mem: &Memory, r: &Ring, base: u32) -> Result<(), Refuse
 
 #[test]
 fn avail_idx_jump_beyond_queue_size_with_event_idx() {
-    let mut c = fresh(&[]);
+    let mut c = Case::start(&[]);
     c.write_mark();
     let mem = Memory::new(0, 16 * MIB);
     let mut f = c.connect();
@@ -131,7 +54,7 @@ fn avail_idx_jump_beyond_queue_size_with_event_idx() {
 /// A read whose buffer is one of the queue's own rings: the device overwrites the ring with
 /// disk data (the mark).
 fn data_overlaps_ring(used: bool) {
-    let mut c = fresh(&[]);
+    let mut c = Case::start(&[]);
     c.write_mark();
     let mem = Memory::new(0, 16 * MIB);
     let mut f = c.connect();
@@ -166,7 +89,7 @@ fn data_buffer_overlaps_the_used_ring() {
 
 #[test]
 fn set_vring_base_beyond_the_ring() {
-    let mut c = fresh(&[]);
+    let mut c = Case::start(&[]);
     c.write_mark();
     let mem = Memory::new(0, 16 * MIB);
     let mut f = c.connect();
@@ -194,7 +117,7 @@ fn set_vring_base_beyond_the_ring() {
 
 #[test]
 fn ring_at_guest_physical_address_zero_is_served() {
-    let mut c = fresh(&[]);
+    let mut c = Case::start(&[]);
     c.write_mark();
     let mem = Memory::new(0, 16 * MIB);
     let mut f = c.connect();
@@ -221,7 +144,7 @@ fn ring_at_guest_physical_address_zero_is_served() {
 
 #[test]
 fn set_vring_num_not_a_power_of_two_is_refused_or_used() {
-    let mut c = fresh(&[]);
+    let mut c = Case::start(&[]);
     c.write_mark();
     let mem = Memory::new(0, 16 * MIB);
     let mut f = c.connect();
@@ -267,7 +190,7 @@ fn set_vring_num_not_a_power_of_two_is_refused_or_used() {
 
 #[test]
 fn memory_region_larger_than_its_memfd_is_refused() {
-    let mut c = fresh(&[]);
+    let mut c = Case::start(&[]);
     c.write_mark();
     let mem = Memory::new(0, 16 * MIB);
     let mut f = c.connect();
@@ -308,7 +231,7 @@ enum Missing {
 /// 16 MiB of guest memory, shrunk to 8 MiB after SET_MEM_TABLE; `what` is at 12 MiB.
 fn truncated_memfd(what: Missing) {
     const GONE: u64 = 12 * MIB;
-    let mut c = fresh(&[]);
+    let mut c = Case::start(&[]);
     c.write_mark();
     let mem = Memory::new(0, 16 * MIB);
     let mut f = c.connect();
@@ -391,7 +314,7 @@ fn truncated_memfd_data_buffer_fails_the_request_not_the_image() {
 
 #[test]
 fn kicks_before_set_mem_table_on_a_second_connection() {
-    let mut c = fresh(&[]);
+    let mut c = Case::start(&[]);
     c.write_mark();
     let mem = Memory::new(0, 16 * MIB);
     let mut f = c.connect();
@@ -447,7 +370,7 @@ fn still_usable(f: &mut Frontend, mem: &Memory) {
 
 #[test]
 fn nine_regions_in_set_mem_table_are_refused() {
-    let mut c = fresh(&[]);
+    let mut c = Case::start(&[]);
     c.write_mark();
     let mem = Memory::new(0, 32 * MIB);
     let mut f = c.connect();
@@ -464,7 +387,7 @@ fn nine_regions_in_set_mem_table_are_refused() {
 
 #[test]
 fn add_mem_reg_beyond_the_advertised_slots_is_refused() {
-    let mut c = fresh(&[]);
+    let mut c = Case::start(&[]);
     c.write_mark();
     let mut f = c.connect();
     f.negotiate(&Setup::default());
@@ -618,7 +541,7 @@ fn settled(serve: &Serve, want: Option<common::Footprint>) -> common::Footprint 
 
 #[test]
 fn a_thousand_connections_leak_no_fd_thread_or_memory() {
-    let mut c = fresh(&["--num-queues", "16"]);
+    let mut c = Case::start(&["--num-queues", "16"]);
     c.write_mark();
     for kind in 0..3 {
         cycle(&c.serve.socket, kind);

@@ -282,7 +282,7 @@ pub struct Ring {
     pub last_used: u16,
     pub event_idx: bool,
     /// Free descriptor ids, and the descriptor ids of each chain in flight (by head).
-    free: Vec<u16>,
+    pub free: Vec<u16>,
     chains: HashMap<u16, Vec<u16>>,
     /// Per-head request header (16 bytes) and status byte, and a scratch data buffer for
     /// one synchronous request at a time.

@@ -10,6 +10,9 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
+use super::frontend::{pattern, Frontend, Memory, Setup, MIB};
+use super::s;
+
 /// A running `serve`; killed (SIGKILL) on drop, its log printed if the test is failing.
 pub struct Serve {
     pub child: Option<Child>,
@@ -217,4 +220,81 @@ fn thread_cpu(pid: i32) -> std::collections::HashMap<String, (String, u64)> {
         out.insert(tid, (name, utime + stime));
     }
     out
+}
+
+// ---------------------------------------------------------------------------------------------
+// A case: a fresh image, a serve on it, and the checks that follow a misbehaving front-end
+
+/// What a thread may use of a core while nothing is asked of the device.
+pub const IDLE_SHARE: f64 = 0.25;
+/// Where the mark is written before the misbehaviour, and how long it is.
+pub const MARK_SECTOR: u64 = 2048;
+pub const MARK_LEN: usize = 64 * 1024;
+
+/// A fresh image and a `serve` on it.
+pub struct Case {
+    pub dir: tempfile::TempDir,
+    pub image: PathBuf,
+    pub serve: Serve,
+}
+
+impl Case {
+    /// A fresh 64 MiB dynamic VHDX and `serve EXTRA` on it.
+    pub fn start(extra: &[&str]) -> Case {
+        let dir = super::tempdir("hostile-vmm-");
+        let image = dir.path().join("disk.vhdx");
+        super::ours_ok(&["create", "-q", s(&image), "64M"]);
+        let serve = Serve::start(dir.path(), &image, extra);
+        Case { dir, image, serve }
+    }
+
+    /// A correct connection writes the mark and leaves.
+    pub fn write_mark(&mut self) {
+        let mem = Memory::new(0, 16 * MIB);
+        let mut f = Frontend::connect(&self.serve.socket);
+        f.start(&mem, &Setup::default());
+        f.write(&mem, 0, MARK_SECTOR, &pattern(1, MARK_LEN));
+        f.close();
+    }
+
+    /// A connection for misbehaving.
+    pub fn connect(&self) -> Frontend {
+        Frontend::connect(&self.serve.socket)
+    }
+
+    /// After the misbehaving front-end `f` did its thing (still connected): no death, no
+    /// spin, then it leaves and the common aftermath follows.
+    pub fn after(mut self, f: Frontend) {
+        self.serve
+            .assert_alive("while the misbehaving front-end was connected");
+        self.serve
+            .assert_no_spin(Duration::from_millis(700), IDLE_SHARE);
+        f.close();
+        self.aftermath();
+    }
+
+    /// Alive, idle, serving a correct front-end that finds the mark, clean exit on SIGTERM,
+    /// clean image.
+    pub fn aftermath(mut self) {
+        self.serve
+            .assert_alive("after the misbehaving front-end left");
+        self.serve
+            .assert_no_spin(Duration::from_millis(700), IDLE_SHARE);
+        let mem = Memory::new(0, 16 * MIB);
+        let mut g = self.connect();
+        g.start(&mem, &Setup::default());
+        assert!(
+            g.read(&mem, 0, MARK_SECTOR, MARK_LEN as u32) == pattern(1, MARK_LEN),
+            "the mark written before the misbehaviour does not read back"
+        );
+        let fresh = pattern(2, 8192);
+        g.write(&mem, 0, 8192, &fresh);
+        assert!(
+            g.read(&mem, 0, 8192, 8192) == fresh,
+            "a new write does not read back"
+        );
+        g.close();
+        self.serve.terminate_within(Duration::from_secs(2));
+        super::assert_qemu_img_check_clean(&self.image, "after the hostile front-end");
+    }
 }
