@@ -90,8 +90,7 @@ impl BlkHandler {
             let t = std::thread::Builder::new()
                 .name(format!("queue-{i}"))
                 .spawn(move || {
-                    // Signals are for the daemon's signal thread.
-                    let _ = nix::sys::signal::SigSet::all().thread_block();
+                    crate::guest_memory::block_async_signals();
                     if let Err(e) = run_queue_thread(&queue, |q| dev.process_queue(q)) {
                         warn!("queue {i}: its thread ended: {e}");
                     }
@@ -303,18 +302,13 @@ impl VhostUserBackendReqHandlerMut for BlkHandler {
 
     fn set_vring_num(&mut self, index: u32, num: u32) -> VhostResult<()> {
         let q = self.queue(index)?;
-        let mut st = q.lock();
-        let max = u32::from(st.max_size());
+        let max = u32::from(q.lock().max_size());
         if num == 0 || num > max || !num.is_power_of_two() {
-            drop(st);
             return self.refused(format!(
                 "queue {index}: size {num} (a power of two up to {max})"
             ));
         }
-        if st.started() {
-            drop(st);
-            return self.refused(format!("queue {index}: SET_VRING_NUM on a started ring"));
-        }
+        let mut st = q.quiesce();
         st.ring.size = num as u16;
         st.inflight.reset(num as u16);
         st.reinit();
@@ -341,11 +335,7 @@ impl VhostUserBackendReqHandlerMut for BlkHandler {
                 "queue {index}: ring addresses {descriptor:#x}/{available:#x}/{used:#x} are not in guest memory"
             ));
         };
-        let mut st = q.lock();
-        if st.started() {
-            drop(st);
-            return self.refused(format!("queue {index}: SET_VRING_ADDR on a started ring"));
-        }
+        let mut st = q.quiesce();
         st.ring.desc = desc;
         st.ring.avail = avail;
         st.ring.used = used_gpa;
@@ -371,11 +361,7 @@ impl VhostUserBackendReqHandlerMut for BlkHandler {
         let Ok(base) = u16::try_from(base) else {
             return self.refused(format!("queue {index}: base {base} is not a ring index"));
         };
-        let mut st = q.lock();
-        if st.started() {
-            drop(st);
-            return self.refused(format!("queue {index}: SET_VRING_BASE on a started ring"));
-        }
+        let mut st = q.quiesce();
         st.ring.set_next_avail(base);
         st.reinit();
         Ok(())
