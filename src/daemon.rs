@@ -210,8 +210,8 @@ fn serve_connection(
                     .unwrap_or_else(|e| e.into_inner())
                     .take_refusal();
                 match refusal {
-                    // Answered with an error (if the VMM asked for replies): go on.
-                    Some(why) => warn!("refused: {why}"),
+                    // Answered with an error (if the VMM asked for replies) and logged: go on.
+                    Some(_) => {}
                     None => {
                         warn!("the connection ended: {e}");
                         break false;

@@ -51,7 +51,12 @@ static LISTED: Mutex<Vec<Listed>> = Mutex::new(Vec::new());
 pub fn block_async_signals() {
     use nix::sys::signal::{SigSet, Signal};
     let mut set = SigSet::all();
-    for s in [Signal::SIGBUS, Signal::SIGSEGV, Signal::SIGILL, Signal::SIGFPE] {
+    for s in [
+        Signal::SIGBUS,
+        Signal::SIGSEGV,
+        Signal::SIGILL,
+        Signal::SIGFPE,
+    ] {
         set.remove(s);
     }
     let _ = set.thread_block();

@@ -106,8 +106,17 @@ impl BlkHandler {
         self.refused.take()
     }
 
+    /// Refuses the message: logged here, before the VMM gets the error reply.
     fn refused<T>(&mut self, why: String) -> VhostResult<T> {
+        warn!("refused: {why}");
         self.refused = Some(why.clone());
+        Err(refuse(why))
+    }
+
+    /// Refuses a message the VMM waits for an answer to (GET_*): the vhost crate sends no reply
+    /// for an error there, so the connection must end rather than leave the VMM waiting.
+    fn refused_no_reply<T>(&mut self, why: String) -> VhostResult<T> {
+        warn!("refused (the connection ends): {why}");
         Err(refuse(why))
     }
 
@@ -368,7 +377,9 @@ impl VhostUserBackendReqHandlerMut for BlkHandler {
     }
 
     fn get_vring_base(&mut self, index: u32) -> VhostResult<VhostUserVringState> {
-        let q = self.queue(index)?;
+        let Some(q) = self.queues.get(index as usize).cloned() else {
+            return self.refused_no_reply(format!("GET_VRING_BASE of queue {index}"));
+        };
         let next = q.stop(false);
         debug!("queue {index} stopped at {next}");
         Ok(VhostUserVringState::new(index, u32::from(next)))
@@ -457,7 +468,7 @@ impl VhostUserBackendReqHandlerMut for BlkHandler {
     }
 
     fn get_shared_object(&mut self, _uuid: VhostUserSharedMsg) -> VhostResult<File> {
-        self.refused("no shared objects".into())
+        self.refused_no_reply("no shared objects".into())
     }
 
     fn get_inflight_fd(
@@ -470,9 +481,8 @@ impl VhostUserBackendReqHandlerMut for BlkHandler {
             || !qs.is_power_of_two()
             || usize::from(qs) > self.device.max_queue_size()
         {
-            return Err(refuse(format!(
-                "GET_INFLIGHT_FD for {nq} queues of {qs} entries"
-            )));
+            return self
+                .refused_no_reply(format!("GET_INFLIGHT_FD for {nq} queues of {qs} entries"));
         }
         let size = region_size(nq, qs);
         let fd = memfd_create(
@@ -621,10 +631,10 @@ impl VhostUserBackendReqHandlerMut for BlkHandler {
     }
 
     fn get_shmem_config(&mut self) -> VhostResult<VhostUserShMemConfig> {
-        self.refused("no shared memory regions".into())
+        self.refused_no_reply("no shared memory regions".into())
     }
 
     fn set_log_base(&mut self, _log: &VhostUserLog, _file: File) -> VhostResult<()> {
-        self.refused("dirty logging is not offered".into())
+        self.refused_no_reply("dirty logging is not offered".into())
     }
 }

@@ -2234,8 +2234,16 @@ fn stop_waits_for_every_request_taken_and_a_new_ring_gets_no_old_head() {
         "the ring was touched after the stop"
     );
     for i in 0..N {
-        let want = if i < u64::from(stopped_at) { OK } else { SENTINEL };
-        assert_eq!(d.byte(STATUS + i), want, "request {i} (stopped at {stopped_at})");
+        let want = if i < u64::from(stopped_at) {
+            OK
+        } else {
+            SENTINEL
+        };
+        assert_eq!(
+            d.byte(STATUS + i),
+            want,
+            "request {i} (stopped at {stopped_at})"
+        );
     }
     // A guest reset: the ring is set up again elsewhere, from index 0. Only the new request
     // comes out of it.
