@@ -206,7 +206,9 @@ impl BlkHandler {
             }
         };
         match st.inflight.recover(size, used) {
-            Ok(heads) => {
+            // Fresh: tracking starts now, from where SET_VRING_BASE put the ring.
+            Ok(None) => {}
+            Ok(Some(heads)) => {
                 if !heads.is_empty() {
                     info!(
                         "queue {}: resubmitting {} requests left in flight",
