@@ -289,6 +289,17 @@ impl InflightRecord {
         true
     }
 
+    /// Drops `head` from the record without touching the shared region (a recovered head that
+    /// this ring will not run: the next recovery finds it again).
+    pub fn forget(&mut self, head: u16) {
+        if let Some(f) = self.in_flight.get_mut(usize::from(head)) {
+            if *f {
+                *f = false;
+                self.count -= 1;
+            }
+        }
+    }
+
     /// Before `head` goes on the used ring: it is the last batch (of one).
     pub fn before_used(&self, head: u16) {
         if let Some(r) = &self.region {
