@@ -566,7 +566,10 @@ impl VhostUserBackendReqHandlerMut for BlkHandler {
             }
             parts.push(QueueRegion::new(slice, map.clone() as Arc<dyn Send + Sync>));
         }
-        for (q, part) in self.queues.iter().zip(parts) {
+        let mut parts = parts.into_iter();
+        for q in &self.queues {
+            // Queues past the region's count are not tracked (no stale region from before).
+            let part = parts.next();
             let mut st = q.lock();
             if !st.inflight.is_empty() {
                 warn!(
@@ -575,7 +578,7 @@ impl VhostUserBackendReqHandlerMut for BlkHandler {
                 );
                 continue;
             }
-            st.inflight.set_region(Some(part));
+            st.inflight.set_region(part);
         }
         Ok(())
     }
