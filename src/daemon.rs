@@ -1,21 +1,27 @@
 //! The serving loop: listen (a socket path, or an inherited listening fd), serve one VMM
-//! connection at a time, and serve the next after a disconnect (guest reboot, QEMU restart).
-//! SIGTERM/SIGINT end the current connection, let the queue threads finish the requests they
-//! hold, flush, close the image cleanly and return.
+//! connection at a time, and serve the next after a disconnect (guest reboot, QEMU restart, a
+//! backend restart the VMM reconnects to). SIGTERM/SIGINT end the current connection, let the
+//! queue threads finish the requests they hold, flush, close the image cleanly and return.
+//!
+//! The listener and the connection are waited on in epoll together with a stop eventfd that the
+//! signal thread sets, so a stop is seen at once whatever the socket is (a path, an abstract or
+//! unnamed socket handed over with `--fd`); a connection stuck in the middle of a message is shut
+//! down from the signal thread.
 
+use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use log::{info, warn};
 use nix::sys::signal::{SigSet, Signal};
-use vhost::vhost_user::Listener;
-use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
-use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+use vhost::vhost_user::{BackendReqHandler, Error as VhostError};
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use crate::backend::{BlockBackend, BlockDevice};
+use crate::backend::BlockDevice;
+use crate::handler::BlkHandler;
 
 pub enum Socket {
     Path(PathBuf),
@@ -24,7 +30,7 @@ pub enum Socket {
 }
 
 /// Adopts an inherited listening socket.
-fn listener_from_fd(fd: RawFd) -> std::io::Result<UnixListener> {
+fn listener_from_fd(fd: RawFd) -> io::Result<UnixListener> {
     // SAFETY: the caller named this descriptor as the listening socket handed to this process;
     // nothing else in the process owns it, so adopting it (and closing it on drop) is sound.
     let owned = unsafe { OwnedFd::from_raw_fd(fd) };
@@ -34,9 +40,46 @@ fn listener_from_fd(fd: RawFd) -> std::io::Result<UnixListener> {
     Ok(listener)
 }
 
+const TOKEN_STOP: u64 = 0;
+const TOKEN_SOCKET: u64 = 1;
+
+/// Waits until `fd` is readable or the stop eventfd is set; true if stopping.
+struct Waiter {
+    epoll: Epoll,
+}
+
+impl Waiter {
+    fn new(stop: &EventFd, fd: RawFd) -> io::Result<Waiter> {
+        let epoll = Epoll::new()?;
+        epoll.ctl(
+            ControlOperation::Add,
+            stop.as_raw_fd(),
+            EpollEvent::new(EventSet::IN, TOKEN_STOP),
+        )?;
+        epoll.ctl(
+            ControlOperation::Add,
+            fd,
+            EpollEvent::new(EventSet::IN, TOKEN_SOCKET),
+        )?;
+        Ok(Waiter { epoll })
+    }
+
+    /// True if the stop eventfd is set.
+    fn wait(&self) -> io::Result<bool> {
+        let mut events = [EpollEvent::default(); 2];
+        loop {
+            match self.epoll.wait(-1, &mut events) {
+                Ok(n) => return Ok(events[..n].iter().any(|e| e.data() == TOKEN_STOP)),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}
+
 /// Serves `device` until SIGTERM or SIGINT; the caller then closes the image.
 pub fn serve(device: Arc<BlockDevice>, socket: Socket) -> Result<(), String> {
-    let std_listener = match &socket {
+    let listener = match &socket {
         Socket::Path(p) => {
             // std binds and listens in one call, so the socket file exists only a moment
             // before it accepts (QEMU retries a refused connect when told to reconnect).
@@ -45,14 +88,9 @@ pub fn serve(device: Arc<BlockDevice>, socket: Socket) -> Result<(), String> {
         }
         Socket::Fd(fd) => listener_from_fd(*fd).map_err(|e| format!("--fd {fd}: {e}"))?,
     };
-    let wake_path = match &socket {
-        Socket::Path(p) => Some(p.clone()),
-        Socket::Fd(_) => std_listener
-            .local_addr()
-            .ok()
-            .and_then(|a| a.as_pathname().map(|p| p.to_path_buf())),
-    };
-    let mut listener = Listener::from(std_listener);
+    listener
+        .set_nonblocking(true)
+        .map_err(|e| format!("listening socket: {e}"))?;
 
     // Signals are taken by one thread with sigwait; every other thread has them blocked.
     let mut signals = SigSet::empty();
@@ -61,10 +99,11 @@ pub fn serve(device: Arc<BlockDevice>, socket: Socket) -> Result<(), String> {
     signals
         .thread_block()
         .map_err(|e| format!("blocking signals: {e}"))?;
-    let stopping = Arc::new(AtomicBool::new(false));
-    let current: Arc<Mutex<Option<ShutdownHandle>>> = Arc::new(Mutex::new(None));
+    let stop = Arc::new(EventFd::new(EFD_NONBLOCK).map_err(|e| format!("eventfd: {e}"))?);
+    // The connection being served, to shut down if it is stuck in a message at a stop.
+    let current: Arc<Mutex<Option<UnixStream>>> = Arc::new(Mutex::new(None));
     {
-        let stopping = Arc::clone(&stopping);
+        let stop = Arc::clone(&stop);
         let current = Arc::clone(&current);
         std::thread::Builder::new()
             .name("signals".into())
@@ -72,54 +111,119 @@ pub fn serve(device: Arc<BlockDevice>, socket: Socket) -> Result<(), String> {
                 if let Ok(sig) = signals.wait() {
                     info!("{sig:?}: finishing the requests in flight and closing the image");
                 }
-                stopping.store(true, Ordering::SeqCst);
-                if let Some(h) = current.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
-                    h.shutdown();
-                }
-                // Unblock an accept() waiting for the next VMM.
-                if let Some(p) = wake_path {
-                    let _ = UnixStream::connect(p);
+                let _ = stop.write(1);
+                if let Some(c) = current.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+                    let _ = c.shutdown(std::net::Shutdown::Both);
                 }
             })
             .map_err(|e| format!("starting the signal thread: {e}"))?;
     }
 
-    while !stopping.load(Ordering::SeqCst) {
-        let mut daemon = VhostUserDaemon::new(
-            "vhost-user-vhdx".into(),
-            BlockBackend(Arc::clone(&device)),
-            GuestMemoryAtomic::new(GuestMemoryMmap::new()),
-        )
-        .map_err(|e| format!("creating the vhost-user daemon: {e}"))?;
-        info!("waiting for a VMM on {}", listener.as_raw_fd());
-        if let Err(e) = daemon.start(&mut listener) {
-            if stopping.load(Ordering::SeqCst) {
-                break;
+    let waiter = Waiter::new(&stop, listener.as_raw_fd()).map_err(|e| format!("epoll: {e}"))?;
+    info!("waiting for a VMM on {}", listener.as_raw_fd());
+    loop {
+        match waiter.wait() {
+            Ok(true) => break,
+            Ok(false) => {}
+            Err(e) => return Err(format!("waiting for a VMM: {e}")),
+        }
+        let stream = match listener.accept() {
+            Ok((s, _)) => s,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) => {
+                warn!("accepting a connection: {e}");
+                // Not a loop on the same error: wait for the listener again.
+                std::thread::sleep(std::time::Duration::from_millis(100));
+                continue;
             }
-            warn!("accepting a connection: {e}");
-            continue;
-        }
-        *current.lock().unwrap_or_else(|e| e.into_inner()) = daemon.shutdown_handle();
-        if stopping.load(Ordering::SeqCst) {
-            daemon.request_shutdown();
-        }
-        match daemon.wait() {
-            Ok(()) => info!("the VMM disconnected"),
-            Err(e) if e.to_string().contains("disconnected") => info!("the VMM disconnected"),
-            Err(e) => warn!("the connection ended: {e}"),
-        }
+        };
+        let stopping = serve_connection(&device, stream, &stop, &current);
         *current.lock().unwrap_or_else(|e| e.into_inner()) = None;
-        // Stop the queue threads; each finishes the request it is executing first.
-        for handler in daemon.get_epoll_handlers() {
-            handler.send_exit_event();
-        }
-        drop(daemon);
         if let Err(e) = device.chain().flush() {
             warn!("flush after disconnect: {e}");
         }
+        if stopping {
+            break;
+        }
+        info!("waiting for a VMM on {}", listener.as_raw_fd());
     }
     if let Socket::Path(p) = &socket {
         let _ = std::fs::remove_file(p);
     }
     Ok(())
+}
+
+/// Serves one connection until it ends; true if the process is stopping.
+fn serve_connection(
+    device: &Arc<BlockDevice>,
+    stream: UnixStream,
+    stop: &EventFd,
+    current: &Mutex<Option<UnixStream>>,
+) -> bool {
+    if let Err(e) = stream.set_nonblocking(false) {
+        warn!("connection: {e}");
+        return false;
+    }
+    let waiter = match Waiter::new(stop, stream.as_raw_fd()) {
+        Ok(w) => w,
+        Err(e) => {
+            warn!("connection: {e}");
+            return false;
+        }
+    };
+    match stream.try_clone() {
+        Ok(c) => *current.lock().unwrap_or_else(|e| e.into_inner()) = Some(c),
+        Err(e) => warn!("connection: {e}"),
+    }
+    let handler = match BlkHandler::new(Arc::clone(device)) {
+        Ok(h) => Arc::new(Mutex::new(h)),
+        Err(e) => {
+            warn!("starting the queue threads: {e}");
+            return false;
+        }
+    };
+    info!("a VMM connected");
+    let mut conn = BackendReqHandler::from_stream(stream, Arc::clone(&handler));
+    let stopping = loop {
+        match waiter.wait() {
+            Ok(true) => break true,
+            Ok(false) => {}
+            Err(e) => {
+                warn!("connection: {e}");
+                break false;
+            }
+        }
+        let result = conn.handle_request();
+        let refusal = handler
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take_refusal();
+        match result {
+            Ok(()) => {}
+            Err(
+                VhostError::Disconnected
+                | VhostError::PartialMessage
+                | VhostError::SocketBroken(_)
+                | VhostError::SocketError(_),
+            ) => {
+                info!("the VMM disconnected");
+                break false;
+            }
+            Err(e) => {
+                match refusal {
+                    // Answered with an error (if the VMM asked for replies) and logged: go on.
+                    Some(_) => {}
+                    None => {
+                        warn!("the connection ended: {e}");
+                        break false;
+                    }
+                }
+            }
+        }
+    };
+    // The socket closes, then the queue threads finish what they hold and are joined.
+    drop(conn);
+    drop(handler);
+    crate::guest_memory::sweep();
+    stopping
 }

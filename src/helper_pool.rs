@@ -1,15 +1,16 @@
 //! Helper threads that let one queue's batch of large reads use more than one core.
 //!
-//! Each queue is served by one thread (vhost-user-backend's model). For small requests that
+//! Each queue is served by one thread. For small requests that
 //! is right: the kernel's page-cache copy of a 4 KiB read costs less than waking another
 //! thread would. A batch of large reads is different: the copy is nearly the whole cost (a
 //! perf profile of 1 MiB reads shows ~90% in the kernel's `copy_page_to_iter`), and one
 //! thread copies at the speed of one core, where qemu-storage-daemon's thread pool uses them
 //! all. So a queue thread that pops a large read shares the batch: helpers take requests from
 //! it while the queue thread does too, and the queue thread returns only when every request
-//! of the batch is done. Nothing is in flight between two rounds of queue processing, as
-//! before, so stopping a queue (GET_VRING_BASE) still finds it idle. (Large writes gain
-//! nothing: see `LARGE_READ` in the backend.)
+//! of the batch is done. Requests a helper runs are in flight like any other: they were popped
+//! through the queue's in-flight record and are completed through it, so stopping a queue
+//! (GET_VRING_BASE, disable) waits for them too ([`crate::queue::Queue::stop`]); the pool itself
+//! knows nothing of queues. (Large writes gain nothing: see `LARGE_READ` in the backend.)
 //!
 //! The helpers hold nothing of the device between batches: when the pool is dropped they exit.
 //! They take no signals.
@@ -144,7 +145,7 @@ impl Drop for HelperPool {
 fn helper_loop(shared: &Shared) {
     // Signals are for the daemon's signal thread: a SIGTERM delivered here would end the
     // process before the image is closed.
-    let _ = nix::sys::signal::SigSet::all().thread_block();
+    crate::guest_memory::block_async_signals();
     loop {
         let job = {
             let mut jobs = lock(&shared.jobs);

@@ -5,9 +5,9 @@
 //!
 //! Most cases call [`BlockDevice::execute`] with hand-made descriptor lists over real guest
 //! memory; the `queue_*` cases go through a real split virtqueue (virtio-queue's
-//! `MockSplitQueue` as the driver, vhost-user-backend's `VringRwLock` and the device's own
-//! `process_queue`), including indirect tables, descriptor loops and bogus ring indices.
-//! The config space, the feature bits and `set_config` are checked through `BlockBackend`.
+//! `MockSplitQueue` as the driver, the device's own [`Queue`] and `process_queue`), including
+//! indirect tables, descriptor loops and bogus ring indices. The config space, the feature bits
+//! and `set_config` are checked through `BlockDevice`.
 
 mod common;
 
@@ -17,8 +17,8 @@ use std::sync::Arc;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
-use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
-use vhost_user_vhdx::backend::{BlockBackend, BlockDevice, DeviceOptions};
+use vhost_user_vhdx::backend::{BlockDevice, DeviceOptions};
+use vhost_user_vhdx::queue::Queue;
 use vhost_user_vhdx::vhdx::create::{create, CreateOptions};
 use vhost_user_vhdx::vhdx::{Chain, ChainOptions};
 use vhost_user_vhdx::virtio_blk::Descriptor;
@@ -33,7 +33,7 @@ use virtio_bindings::virtio_ring::{
 use virtio_queue::desc::split::Descriptor as SplitDescriptor;
 use virtio_queue::desc::RawDescriptor;
 use virtio_queue::mock::MockSplitQueue;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryAtomic, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 const OK: u8 = 0;
 const IOERR: u8 = 1;
@@ -184,8 +184,8 @@ fn w(addr: u64, len: u32) -> Descriptor {
 }
 
 impl Dev {
-    fn backend(&self) -> BlockBackend {
-        BlockBackend(Arc::clone(&self.dev))
+    fn backend(&self) -> &BlockDevice {
+        &self.dev
     }
 
     fn sectors(&self) -> u64 {
@@ -1555,7 +1555,6 @@ fn config_space_fields() {
         assert_eq!(c[56], 1, "write_zeroes_may_unmap");
         assert_eq!(b.num_queues(), 4);
         assert_eq!(b.max_queue_size(), QUEUE_SIZE as usize);
-        assert_eq!(b.queues_per_thread(), vec![1, 2, 4, 8]);
     }
 }
 
@@ -1714,14 +1713,12 @@ fn features_offered() {
 // ---------------------------------------------------------------------------------------------
 // Through a real split virtqueue.
 
-type Vring = VringRwLock<GuestMemoryAtomic<GuestMemoryMmap>>;
-
 /// The guest's side of one split queue (MockSplitQueue at 0) and the device's side
-/// (a VringRwLock set up the way the vhost-user handler does).
+/// (a Queue set up the way the vhost-user handler does).
 struct Rig<'a> {
     d: &'a Dev,
     mock: MockSplitQueue<'a, GuestMemoryMmap>,
-    vring: Vring,
+    vring: Arc<Queue>,
     next_desc: u16,
     /// Used entries already looked at.
     seen: u16,
@@ -1737,19 +1734,8 @@ const IND: u16 = VRING_DESC_F_INDIRECT as u16;
 impl<'a> Rig<'a> {
     fn new(d: &'a Dev) -> Rig<'a> {
         let mock = MockSplitQueue::new(&d.mem, QUEUE_SIZE);
-        let atomic = GuestMemoryAtomic::new(d.mem.clone());
-        let vring = Vring::new(atomic.clone(), QUEUE_SIZE).unwrap();
-        vring.set_queue_size(QUEUE_SIZE);
-        vring
-            .set_queue_info(
-                mock.desc_table_addr().0,
-                mock.avail_addr().0,
-                mock.used_addr().0,
-            )
-            .unwrap();
-        vring.set_queue_ready(true);
-        vring.set_enabled(true);
-        d.backend().update_memory(atomic).unwrap();
+        let vring = Arc::new(Queue::new(0, QUEUE_SIZE).unwrap());
+        Self::setup(&vring, &mock, &d.mem);
         Rig {
             d,
             mock,
@@ -1757,6 +1743,28 @@ impl<'a> Rig<'a> {
             next_desc: 0,
             seen: 0,
         }
+    }
+
+    /// What the vhost-user handler does for SET_VRING_NUM/ADDR/BASE, memory, KICK and ENABLE.
+    fn setup(q: &Queue, mock: &MockSplitQueue<'_, GuestMemoryMmap>, mem: &GuestMemoryMmap) {
+        let mut st = q.lock();
+        st.ring.size = QUEUE_SIZE;
+        st.ring.desc = mock.desc_table_addr();
+        st.ring.avail = mock.avail_addr();
+        st.ring.used = mock.used_addr();
+        st.ring.set_next_avail(mock.avail().idx().load());
+        st.ring.set_next_used(mock.used().idx().load());
+        st.reinit();
+        st.addresses_set = true;
+        st.set_mem(Arc::new(mem.clone()));
+        st.set_kick(None);
+        st.set_enabled(true);
+    }
+
+    /// The VMM stops the ring (GET_VRING_BASE) and sets it up again.
+    fn reinit(&mut self) {
+        self.vring.stop(false);
+        Self::setup(&self.vring, &self.mock, &self.d.mem);
     }
 
     fn store(&self, index: u16, addr: u64, len: u32, flags: u16, next: u16) {
@@ -1827,7 +1835,7 @@ impl<'a> Rig<'a> {
 
     /// Lets the device process the queue; returns the new used entries (id, len).
     fn run(&mut self) -> Vec<(u32, u32)> {
-        self.d.dev.process_queue(&self.vring).unwrap();
+        self.d.dev.process_queue(&self.vring);
         let used = self.mock.used();
         let idx = used.idx().load();
         let mut out = Vec::new();
@@ -2052,11 +2060,16 @@ fn queue_bad_indices() {
     assert_eq!(q.run(), vec![(u32::from(head), 21)]);
     assert_eq!(d.byte(STATUS), OK);
     q.assert_serving();
-    // An available index that runs more than a queue ahead: nothing is processed.
+    // An available index that runs more than a queue ahead: nothing is processed, and the
+    // queue stays stopped (the ring is broken) even once the index is back, until the VMM sets
+    // the ring up again.
     let idx = q.mock.avail().idx().load();
     q.mock.avail().idx().store(idx.wrapping_add(QUEUE_SIZE + 1));
     assert_eq!(q.run(), vec![]);
+    assert!(q.vring.lock().broken().is_some());
     q.mock.avail().idx().store(idx);
+    assert_eq!(q.run(), vec![]);
+    q.reinit();
     q.assert_serving();
 }
 
@@ -2093,8 +2106,7 @@ fn queue_chain_longer_than_4_gib() {
 fn queue_mixed_batch_with_event_idx() {
     let d = device();
     let mut q = Rig::new(&d);
-    d.backend().set_event_idx(true);
-    q.vring.set_queue_event_idx(true);
+    q.vring.lock().ring.event_idx = true;
     let before = d.disk(0, 4096);
     // Valid write, no status, unknown type, readable-after-writable, valid read, GET_ID,
     // bad discard, flush: one kick.
@@ -2184,4 +2196,83 @@ fn queue_many_segments_and_tiny_descriptors() {
     }
     assert_eq!(got, data);
     q.assert_serving();
+}
+
+#[test]
+fn stop_waits_for_every_request_taken_and_a_new_ring_gets_no_old_head() {
+    // 40 reads of 1 MiB: large enough to be shared with the helper thread.
+    let d = device();
+    let mut q = Rig::new(&d);
+    const N: u64 = 40;
+    for i in 0..N {
+        d.hdr_at(HDR + 16 * i, VIRTIO_BLK_T_IN, 0);
+        d.put(STATUS + i, &[SENTINEL]);
+        q.chain(&[
+            (HDR + 16 * i, 16, RO),
+            (DATA2, MIB as u32, WO),
+            (STATUS + i, 1, WO),
+        ]);
+    }
+    let stopped_at = std::thread::scope(|s| {
+        let worker = s.spawn(|| d.dev.process_queue(&q.vring));
+        // GET_VRING_BASE as soon as the queue has taken something.
+        while q.vring.lock().ring.next_avail() == 0 {
+            std::thread::yield_now();
+        }
+        let next = q.vring.stop(false);
+        assert_eq!(
+            q.mock.used().idx().load(),
+            next,
+            "the stop returned while requests it had taken were still running"
+        );
+        worker.join().unwrap();
+        next
+    });
+    assert_eq!(
+        q.mock.used().idx().load(),
+        stopped_at,
+        "the ring was touched after the stop"
+    );
+    for i in 0..N {
+        let want = if i < u64::from(stopped_at) {
+            OK
+        } else {
+            SENTINEL
+        };
+        assert_eq!(
+            d.byte(STATUS + i),
+            want,
+            "request {i} (stopped at {stopped_at})"
+        );
+    }
+    // A guest reset: the ring is set up again elsewhere, from index 0. Only the new request
+    // comes out of it.
+    let fresh = MockSplitQueue::create(&d.mem, GuestAddress(0x40000), QUEUE_SIZE);
+    Rig::setup(&q.vring, &fresh, &d.mem);
+    d.hdr_at(HDR, VIRTIO_BLK_T_GET_ID, 0);
+    d.put(STATUS, &[SENTINEL]);
+    for (i, (addr, len, flags, next)) in [
+        (HDR, 16u32, NEXT, 1u16),
+        (DATA, 20, WO | NEXT, 2),
+        (STATUS, 1, WO, 0),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        fresh
+            .desc_table()
+            .store(
+                i as u16,
+                RawDescriptor::from(SplitDescriptor::new(addr, len, flags, next)),
+            )
+            .unwrap();
+    }
+    fresh.avail().ring().ref_at(0).unwrap().store(0);
+    fresh.avail().idx().store(1);
+    d.dev.process_queue(&q.vring);
+    assert_eq!(fresh.used().idx().load(), 1);
+    let e = fresh.used().ring().ref_at(0).unwrap().load();
+    assert_eq!((e.id(), e.len()), (0, 21));
+    assert_eq!(d.byte(STATUS), OK);
+    assert_eq!(q.mock.used().idx().load(), stopped_at);
 }

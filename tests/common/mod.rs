@@ -11,17 +11,19 @@
 #![allow(dead_code)]
 
 mod files;
+pub mod frontend;
 mod images;
 mod io_commands;
 mod peers;
 mod process;
+mod serve;
 
 use std::path::{Path, PathBuf};
 
 // Everything is reachable as `common::NAME`; a binary that uses none of a module's names
 // would warn of its unused re-export.
 #[allow(unused_imports)]
-pub use {files::*, images::*, io_commands::*, peers::*, process::*};
+pub use {files::*, images::*, io_commands::*, peers::*, process::*, serve::*};
 
 /// The repository root (where Cargo.toml is).
 pub fn repo_root() -> PathBuf {
