@@ -24,6 +24,10 @@
 //!   serve: all of them without `VHDX_GUEST_BACKEND`, only the differencing one with it. It is
 //!   for development before `serve` works; never set it in CI.
 //!
+//! The lifecycle tests at the end (issue 10) restart the backend with SIGKILL while the guest
+//! runs fio (QEMU reconnects: guest-run `--reconnect-ms`) and pause and resume the VM over QMP
+//! (guest-run `--qmp`); they always run our serve (`VHDX_SERVE_BIN` names another build of it).
+//!
 //! `VHDX_GUEST_VERBOSE=1` streams each guest's kernel console to stderr (`guest-run -v`). Run
 //! with `-- --nocapture` to see the timing lines.
 
@@ -60,8 +64,9 @@ fn foreign_backend() -> Option<Vec<String>> {
     }
 }
 
+/// This build's serve, or `$VHDX_SERVE_BIN`'s (to judge another build with the same tests).
 fn our_backend() -> Vec<String> {
-    vec![s(&bin()).to_owned(), "serve".to_owned()]
+    vec![s(&serve_bin()).to_owned(), "serve".to_owned()]
 }
 
 /// Whether a test that would run our serve is skipped (`VHDX_GUEST_SKIP_SERVE=1`); says so.
@@ -958,7 +963,7 @@ impl Qmp {
     }
 }
 
-/// (Issue 10) The VM is paused and resumed (QMP `stop` / `cont`) six times while the
+/// (Issue 10) The VM is paused and resumed (QMP `stop` / `cont`) up to forty times while the
 /// guest reads 4 MiB blocks with O_DIRECT and writes with a flush: stop must stop the device
 /// (GET_VRING_BASE after the last completion) and cont restart it without a lost interrupt;
 /// the guest's I/O keeps working and its data reads back.
@@ -978,6 +983,8 @@ fn qmp_stop_and_cont_during_large_reads() {
     let backend = Backend::start_ours(&image, &socket, 1);
 
     let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let seed = rand::random::<u64>();
+    eprintln!("guest: {test}: stop/cont times from seed {seed}");
     let pauser = {
         let done = done.clone();
         let qmp_path = qmp_path.clone();
@@ -986,19 +993,20 @@ fn qmp_stop_and_cont_during_large_reads() {
                 return 0;
             };
             let mut cycles = 0;
+            let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
             std::thread::sleep(Duration::from_secs(4));
-            // Six cycles, then the guest runs on: a guest that hangs after them lost a
-            // completion or an interrupt.
-            while cycles < 6 && !done.load(std::sync::atomic::Ordering::SeqCst) {
+            // Forty cycles at random moments, then the guest runs on: a guest that hangs
+            // after them lost a completion or an interrupt.
+            while cycles < 40 && !done.load(std::sync::atomic::Ordering::SeqCst) {
                 if qmp.run("stop").is_none() {
                     break;
                 }
-                std::thread::sleep(Duration::from_millis(300));
+                std::thread::sleep(Duration::from_millis(50 + rng.next_u64() % 250));
                 if qmp.run("cont").is_none() {
                     break;
                 }
                 cycles += 1;
-                std::thread::sleep(Duration::from_millis(700));
+                std::thread::sleep(Duration::from_millis(150 + rng.next_u64() % 550));
             }
             cycles
         })
