@@ -742,11 +742,24 @@ impl RestartingBackend {
         ));
     }
 
-    /// SIGKILL, reap, start again on the same socket.
-    fn kill_and_restart(&mut self) {
+    /// `signal` (SIGKILL: a crash; SIGTERM: an upgrade), reap, start again on the same
+    /// socket.
+    fn kill_and_restart(&mut self, signal: &str) {
         let mut child = self.child.take().expect("running");
-        child.kill().expect("SIGKILL the backend");
-        child.wait().unwrap();
+        let pid = child.id().to_string();
+        let sent = Command::new("kill").args([signal, &pid]).status();
+        assert!(
+            matches!(sent, Ok(st) if st.success()),
+            "kill {signal} {pid}: {sent:?}"
+        );
+        let status = wait_or_kill(&mut child, Duration::from_secs(10));
+        if signal == "-TERM" {
+            assert!(
+                matches!(status, Some(st) if st.success()),
+                "the backend exited with {status:?} after SIGTERM while the guest ran\n{}",
+                read_log(&self.socket)
+            );
+        }
         self.spawn();
     }
 
@@ -792,7 +805,20 @@ impl Drop for RestartingBackend {
 /// error and no I/O error in the guest's kernel log; the image checks clean and holds the data.
 #[test]
 fn backend_sigkilled_three_times_during_fio_verify() {
-    let test = "backend_sigkilled_three_times_during_fio_verify";
+    restarts_during_fio_verify("backend_sigkilled_three_times_during_fio_verify", "-KILL");
+}
+
+/// The same with SIGTERM (an upgrade): each time the backend finishes what it took, closes the
+/// image cleanly and exits 0, and the new one carries on.
+#[test]
+fn backend_sigtermed_and_restarted_three_times_during_fio_verify() {
+    restarts_during_fio_verify(
+        "backend_sigtermed_and_restarted_three_times_during_fio_verify",
+        "-TERM",
+    );
+}
+
+fn restarts_during_fio_verify(test: &str, signal: &'static str) {
     if skip_our_serve(test) {
         return;
     }
@@ -825,7 +851,7 @@ fn backend_sigkilled_three_times_during_fio_verify() {
                     b.child.as_ref().map_or(0, |c| bytes_moved(c.id()))
                 };
                 if moved >= threshold {
-                    backend.lock().unwrap().kill_and_restart();
+                    backend.lock().unwrap().kill_and_restart(signal);
                     kills += 1;
                     threshold = (4 + rng.next_u64() % 21) * MIB;
                 }
