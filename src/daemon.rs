@@ -210,8 +210,8 @@ fn serve_connection(
                     .unwrap_or_else(|e| e.into_inner())
                     .take_refusal();
                 match refusal {
-                    // Answered with an error (if the VMM asked for replies): go on.
-                    Some(why) => warn!("refused: {why}"),
+                    // Answered with an error (if the VMM asked for replies) and logged: go on.
+                    Some(_) => {}
                     None => {
                         warn!("the connection ended: {e}");
                         break false;
@@ -223,5 +223,6 @@ fn serve_connection(
     // The socket closes, then the queue threads finish what they hold and are joined.
     drop(conn);
     drop(handler);
+    crate::guest_memory::sweep();
     stopping
 }

@@ -9,6 +9,7 @@ use std::os::fd::AsFd;
 use smallvec::SmallVec;
 use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryMmap, Permissions, VolatileSlice};
 
+use crate::vhdx::buffers::SourceFault;
 use crate::vhdx::{ReadTarget, Storage, WriteSource};
 use crate::virtio_blk::Segment;
 
@@ -207,7 +208,15 @@ impl WriteSource for GuestBuffers<'_> {
             })
             .collect();
         in_iov_max_calls(&mut iovs, file_offset, |chunk, at| {
-            pwrite_all(file, chunk, at)
+            pwrite_all(file, chunk, at).map_err(|e| {
+                // The kernel could not read the guest's pages (a memory file shrunk under its
+                // mapping): the guest's fault, not the image's.
+                if e.raw_os_error() == Some(nix::libc::EFAULT) {
+                    SourceFault::error(format!("guest data buffer: {e}"))
+                } else {
+                    e
+                }
+            })
         })
     }
 }

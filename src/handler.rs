@@ -90,8 +90,7 @@ impl BlkHandler {
             let t = std::thread::Builder::new()
                 .name(format!("queue-{i}"))
                 .spawn(move || {
-                    // Signals are for the daemon's signal thread.
-                    let _ = nix::sys::signal::SigSet::all().thread_block();
+                    crate::guest_memory::block_async_signals();
                     if let Err(e) = run_queue_thread(&queue, |q| dev.process_queue(q)) {
                         warn!("queue {i}: its thread ended: {e}");
                     }
@@ -107,8 +106,17 @@ impl BlkHandler {
         self.refused.take()
     }
 
+    /// Refuses the message: logged here, before the VMM gets the error reply.
     fn refused<T>(&mut self, why: String) -> VhostResult<T> {
+        warn!("refused: {why}");
         self.refused = Some(why.clone());
+        Err(refuse(why))
+    }
+
+    /// Refuses a message the VMM waits for an answer to (GET_*): the vhost crate sends no reply
+    /// for an error there, so the connection must end rather than leave the VMM waiting.
+    fn refused_no_reply<T>(&mut self, why: String) -> VhostResult<T> {
+        warn!("refused (the connection ends): {why}");
         Err(refuse(why))
     }
 
@@ -303,18 +311,13 @@ impl VhostUserBackendReqHandlerMut for BlkHandler {
 
     fn set_vring_num(&mut self, index: u32, num: u32) -> VhostResult<()> {
         let q = self.queue(index)?;
-        let mut st = q.lock();
-        let max = u32::from(st.max_size());
+        let max = u32::from(q.lock().max_size());
         if num == 0 || num > max || !num.is_power_of_two() {
-            drop(st);
             return self.refused(format!(
                 "queue {index}: size {num} (a power of two up to {max})"
             ));
         }
-        if st.started() {
-            drop(st);
-            return self.refused(format!("queue {index}: SET_VRING_NUM on a started ring"));
-        }
+        let mut st = q.quiesce();
         st.ring.size = num as u16;
         st.inflight.reset(num as u16);
         st.reinit();
@@ -341,11 +344,7 @@ impl VhostUserBackendReqHandlerMut for BlkHandler {
                 "queue {index}: ring addresses {descriptor:#x}/{available:#x}/{used:#x} are not in guest memory"
             ));
         };
-        let mut st = q.lock();
-        if st.started() {
-            drop(st);
-            return self.refused(format!("queue {index}: SET_VRING_ADDR on a started ring"));
-        }
+        let mut st = q.quiesce();
         st.ring.desc = desc;
         st.ring.avail = avail;
         st.ring.used = used_gpa;
@@ -371,18 +370,16 @@ impl VhostUserBackendReqHandlerMut for BlkHandler {
         let Ok(base) = u16::try_from(base) else {
             return self.refused(format!("queue {index}: base {base} is not a ring index"));
         };
-        let mut st = q.lock();
-        if st.started() {
-            drop(st);
-            return self.refused(format!("queue {index}: SET_VRING_BASE on a started ring"));
-        }
+        let mut st = q.quiesce();
         st.ring.set_next_avail(base);
         st.reinit();
         Ok(())
     }
 
     fn get_vring_base(&mut self, index: u32) -> VhostResult<VhostUserVringState> {
-        let q = self.queue(index)?;
+        let Some(q) = self.queues.get(index as usize).cloned() else {
+            return self.refused_no_reply(format!("GET_VRING_BASE of queue {index}"));
+        };
         let next = q.stop(false);
         debug!("queue {index} stopped at {next}");
         Ok(VhostUserVringState::new(index, u32::from(next)))
@@ -471,7 +468,7 @@ impl VhostUserBackendReqHandlerMut for BlkHandler {
     }
 
     fn get_shared_object(&mut self, _uuid: VhostUserSharedMsg) -> VhostResult<File> {
-        self.refused("no shared objects".into())
+        self.refused_no_reply("no shared objects".into())
     }
 
     fn get_inflight_fd(
@@ -484,9 +481,8 @@ impl VhostUserBackendReqHandlerMut for BlkHandler {
             || !qs.is_power_of_two()
             || usize::from(qs) > self.device.max_queue_size()
         {
-            return Err(refuse(format!(
-                "GET_INFLIGHT_FD for {nq} queues of {qs} entries"
-            )));
+            return self
+                .refused_no_reply(format!("GET_INFLIGHT_FD for {nq} queues of {qs} entries"));
         }
         let size = region_size(nq, qs);
         let fd = memfd_create(
@@ -550,7 +546,7 @@ impl VhostUserBackendReqHandlerMut for BlkHandler {
             Ok(m) => Arc::new(m),
             Err(e) => return self.refused(format!("mapping the in-flight region: {e}")),
         };
-        guest_memory::track_mapping(map.as_ptr() as usize, size);
+        guest_memory::track_mapping(map.as_ptr() as usize, size, map.clone());
         let part = queue_region_size(qs);
         let mut parts = Vec::new();
         for i in 0..usize::from(nq) {
@@ -635,10 +631,10 @@ impl VhostUserBackendReqHandlerMut for BlkHandler {
     }
 
     fn get_shmem_config(&mut self) -> VhostResult<VhostUserShMemConfig> {
-        self.refused("no shared memory regions".into())
+        self.refused_no_reply("no shared memory regions".into())
     }
 
     fn set_log_base(&mut self, _log: &VhostUserLog, _file: File) -> VhostResult<()> {
-        self.refused("dirty logging is not offered".into())
+        self.refused_no_reply("dirty logging is not offered".into())
     }
 }

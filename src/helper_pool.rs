@@ -145,7 +145,7 @@ impl Drop for HelperPool {
 fn helper_loop(shared: &Shared) {
     // Signals are for the daemon's signal thread: a SIGTERM delivered here would end the
     // process before the image is closed.
-    let _ = nix::sys::signal::SigSet::all().thread_block();
+    crate::guest_memory::block_async_signals();
     loop {
         let job = {
             let mut jobs = lock(&shared.jobs);

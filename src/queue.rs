@@ -240,6 +240,19 @@ impl Queue {
         next
     }
 
+    /// For a change of the ring's set-up (size, addresses, base): stops the ring if it was
+    /// started (SET_VRING_KICK starts it again), waits until nothing is in flight, and returns
+    /// the locked state to change.
+    pub fn quiesce(&self) -> MutexGuard<'_, QueueState> {
+        let mut st = self.lock();
+        st.started = false;
+        while !st.inflight.is_empty() {
+            st = self.idle.wait(st).unwrap_or_else(PoisonError::into_inner);
+        }
+        st.resubmit.clear();
+        st
+    }
+
     /// Asks the queue thread to exit once its requests are done.
     pub fn request_exit(&self) {
         self.lock().exit = true;

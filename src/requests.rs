@@ -9,6 +9,7 @@ use log::{debug, warn};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use crate::guest_io::{write_to_segments, GuestBuffers};
+use crate::guest_memory;
 use crate::queue::{Outcome, Popped};
 use crate::vhdx::Chain;
 use crate::virtio_blk::{self, Descriptor, Kind, Malformed, Range};
@@ -95,11 +96,18 @@ impl Requests {
             );
             return Ok(0);
         }
-        let (status, written) = match self.run(mem, &req, forbidden) {
+        let faults = guest_memory::faults();
+        let (mut status, mut written) = match self.run(mem, &req, forbidden) {
             Ok(written) => (virtio_blk::VIRTIO_BLK_S_OK, written),
             Err(Failed::Status(status)) => (status, 0),
             Err(Failed::IntoRings(why)) => return Err(why),
         };
+        if guest_memory::faults() != faults {
+            // Guest memory under this request (or another one) vanished: what it read or wrote
+            // there cannot be trusted.
+            warn!("guest memory faulted during a request: failed");
+            (status, written) = (virtio_blk::VIRTIO_BLK_S_IOERR, 0);
+        }
         Ok(self.complete(mem, req.status, status, written))
     }
 

@@ -2197,3 +2197,82 @@ fn queue_many_segments_and_tiny_descriptors() {
     assert_eq!(got, data);
     q.assert_serving();
 }
+
+#[test]
+fn stop_waits_for_every_request_taken_and_a_new_ring_gets_no_old_head() {
+    // 40 reads of 1 MiB: large enough to be shared with the helper thread.
+    let d = device();
+    let mut q = Rig::new(&d);
+    const N: u64 = 40;
+    for i in 0..N {
+        d.hdr_at(HDR + 16 * i, VIRTIO_BLK_T_IN, 0);
+        d.put(STATUS + i, &[SENTINEL]);
+        q.chain(&[
+            (HDR + 16 * i, 16, RO),
+            (DATA2, MIB as u32, WO),
+            (STATUS + i, 1, WO),
+        ]);
+    }
+    let stopped_at = std::thread::scope(|s| {
+        let worker = s.spawn(|| d.dev.process_queue(&q.vring));
+        // GET_VRING_BASE as soon as the queue has taken something.
+        while q.vring.lock().ring.next_avail() == 0 {
+            std::thread::yield_now();
+        }
+        let next = q.vring.stop(false);
+        assert_eq!(
+            q.mock.used().idx().load(),
+            next,
+            "the stop returned while requests it had taken were still running"
+        );
+        worker.join().unwrap();
+        next
+    });
+    assert_eq!(
+        q.mock.used().idx().load(),
+        stopped_at,
+        "the ring was touched after the stop"
+    );
+    for i in 0..N {
+        let want = if i < u64::from(stopped_at) {
+            OK
+        } else {
+            SENTINEL
+        };
+        assert_eq!(
+            d.byte(STATUS + i),
+            want,
+            "request {i} (stopped at {stopped_at})"
+        );
+    }
+    // A guest reset: the ring is set up again elsewhere, from index 0. Only the new request
+    // comes out of it.
+    let fresh = MockSplitQueue::create(&d.mem, GuestAddress(0x40000), QUEUE_SIZE);
+    Rig::setup(&q.vring, &fresh, &d.mem);
+    d.hdr_at(HDR, VIRTIO_BLK_T_GET_ID, 0);
+    d.put(STATUS, &[SENTINEL]);
+    for (i, (addr, len, flags, next)) in [
+        (HDR, 16u32, NEXT, 1u16),
+        (DATA, 20, WO | NEXT, 2),
+        (STATUS, 1, WO, 0),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        fresh
+            .desc_table()
+            .store(
+                i as u16,
+                RawDescriptor::from(SplitDescriptor::new(addr, len, flags, next)),
+            )
+            .unwrap();
+    }
+    fresh.avail().ring().ref_at(0).unwrap().store(0);
+    fresh.avail().idx().store(1);
+    d.dev.process_queue(&q.vring);
+    assert_eq!(fresh.used().idx().load(), 1);
+    let e = fresh.used().ring().ref_at(0).unwrap().load();
+    assert_eq!((e.id(), e.len()), (0, 21));
+    assert_eq!(d.byte(STATUS), OK);
+    assert_eq!(q.mock.used().idx().load(), stopped_at);
+}

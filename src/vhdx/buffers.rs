@@ -10,6 +10,31 @@ use std::io;
 
 use super::storage::Storage;
 
+/// An error of a [`WriteSource`]'s own memory (a guest buffer the kernel could not read:
+/// EFAULT), not of the storage: the write fails, and the file is not poisoned for it. Wrap it in
+/// an `io::Error` ([`SourceFault::error`]).
+#[derive(Debug)]
+pub struct SourceFault(pub String);
+
+impl std::fmt::Display for SourceFault {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for SourceFault {}
+
+impl SourceFault {
+    pub fn error(why: impl Into<String>) -> io::Error {
+        io::Error::other(SourceFault(why.into()))
+    }
+
+    /// True if `e` is a source fault.
+    pub fn is(e: &io::Error) -> bool {
+        e.get_ref().is_some_and(|inner| inner.is::<SourceFault>())
+    }
+}
+
 /// The destination of a read of `len()` bytes.
 #[allow(clippy::len_without_is_empty)] // a request length, not a collection
 pub trait ReadTarget {

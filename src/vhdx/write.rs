@@ -25,7 +25,7 @@ use uuid::Uuid;
 
 use super::bat::{Bat, Geometry};
 use super::bitmap::BitmapCache;
-use super::buffers::{WriteSource, Zeros};
+use super::buffers::{SourceFault, WriteSource, Zeros};
 use super::error::{Error, Result};
 use super::format::*;
 use super::header::Headers;
@@ -155,10 +155,13 @@ impl Writer {
         }
     }
 
-    /// Turns an I/O error into a poisoned file.
+    /// Turns an I/O error into a poisoned file, unless the error is the data source's own
+    /// (guest memory that cannot be read): that fails the write only.
     fn io<T>(&self, what: &str, r: io::Result<T>) -> Result<T> {
         r.map_err(|e| {
-            self.poison(format!("{what}: {e}"));
+            if !SourceFault::is(&e) {
+                self.poison(format!("{what}: {e}"));
+            }
             Error::io(what, e)
         })
     }
