@@ -193,7 +193,12 @@ fn serve_connection(
                 break false;
             }
         }
-        match conn.handle_request() {
+        let result = conn.handle_request();
+        let refusal = handler
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take_refusal();
+        match result {
             Ok(()) => {}
             Err(
                 VhostError::Disconnected
@@ -205,10 +210,6 @@ fn serve_connection(
                 break false;
             }
             Err(e) => {
-                let refusal = handler
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .take_refusal();
                 match refusal {
                     // Answered with an error (if the VMM asked for replies) and logged: go on.
                     Some(_) => {}

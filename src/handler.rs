@@ -206,7 +206,9 @@ impl BlkHandler {
             }
         };
         match st.inflight.recover(size, used) {
-            Ok(heads) => {
+            // Fresh: tracking starts now, from where SET_VRING_BASE put the ring.
+            Ok(None) => {}
+            Ok(Some(heads)) => {
                 if !heads.is_empty() {
                     info!(
                         "queue {}: resubmitting {} requests left in flight",
@@ -636,5 +638,153 @@ impl VhostUserBackendReqHandlerMut for BlkHandler {
 
     fn set_log_base(&mut self, _log: &VhostUserLog, _file: File) -> VhostResult<()> {
         self.refused_no_reply("dirty logging is not offered".into())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::DeviceOptions;
+    use crate::vhdx::create::{create, CreateOptions};
+    use crate::vhdx::{Chain, ChainOptions};
+    use nix::fcntl::FcntlArg;
+
+    fn handler(dir: &tempfile::TempDir) -> BlkHandler {
+        let path = dir.path().join("d.vhdx");
+        create(
+            &path,
+            &CreateOptions {
+                virtual_size: Some(16 << 20),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let chain = Chain::open(
+            &path,
+            &ChainOptions {
+                writable: true,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let dev = BlockDevice::new(
+            Arc::new(chain),
+            DeviceOptions {
+                read_only: false,
+                num_queues: 2,
+                queue_size: 1024,
+                serial: "s".into(),
+                writethrough: false,
+                helper_threads: 0,
+            },
+        )
+        .unwrap();
+        BlkHandler::new(Arc::new(dev)).unwrap()
+    }
+
+    fn memfd(len: u64) -> File {
+        let f = File::from(memfd_create("test", MFdFlags::MFD_CLOEXEC).unwrap());
+        f.set_len(len).unwrap();
+        f
+    }
+
+    #[test]
+    fn ring_values_that_cannot_be_right_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut h = handler(&dir);
+        for bad in [0, 100, 2048, 65536] {
+            assert!(h.set_vring_num(0, bad).is_err(), "size {bad}");
+            assert!(h.take_refusal().is_some());
+        }
+        assert!(h.set_vring_num(0, 1024).is_ok());
+        assert!(h.set_vring_num(2, 256).is_err(), "no queue 2");
+        assert!(h.set_vring_base(0, 70000).is_err());
+        assert!(h.set_vring_base(0, 65535).is_ok());
+        // No memory yet: no address can be right.
+        let flags = VhostUserVringAddrFlags::empty();
+        assert!(h
+            .set_vring_addr(0, flags, 0x1000, 0x3000, 0x2000, 0)
+            .is_err());
+        assert!(h.take_refusal().is_some());
+        assert!(h.get_vring_base(7).is_err());
+        assert!(
+            h.take_refusal().is_none(),
+            "GET_VRING_BASE refusals end the connection"
+        );
+    }
+
+    #[test]
+    fn memory_tables_are_checked_against_their_fds() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut h = handler(&dir);
+        let mib = 1u64 << 20;
+        // Longer than its fd, or past its end through the offset.
+        let long = VhostUserMemoryRegion::new(0, 2 * mib, 0x7000_0000, 0);
+        assert!(h.set_mem_table(&[long], vec![memfd(mib)], None).is_err());
+        let off = VhostUserMemoryRegion::new(0, mib, 0x7000_0000, 4096);
+        assert!(h.set_mem_table(&[off], vec![memfd(mib)], None).is_err());
+        // Nine regions.
+        let nine: Vec<_> = (0..9)
+            .map(|i| VhostUserMemoryRegion::new(i * mib, mib, 0x7000_0000 + i * mib, 0))
+            .collect();
+        let files = (0..9).map(|_| memfd(mib)).collect();
+        assert!(h.set_mem_table(&nine, files, None).is_err());
+        // One that fits, then a ring in it (VMM addresses translated).
+        let ok = VhostUserMemoryRegion::new(0, mib, 0x7000_0000, 0);
+        assert!(h.set_mem_table(&[ok], vec![memfd(mib)], None).is_ok());
+        h.set_vring_num(0, 256).unwrap();
+        let flags = VhostUserVringAddrFlags::empty;
+        h.set_vring_addr(0, flags(), 0x7000_0000, 0x7000_3000, 0x7000_2000, 0)
+            .unwrap();
+        assert_eq!(h.queues[0].lock().ring.used, GuestAddress(0x3000));
+        // A used ring running past the region.
+        assert!(h
+            .set_vring_addr(0, flags(), 0x7000_0000, 0x700f_fff0, 0x7000_2000, 0)
+            .is_err());
+    }
+
+    #[test]
+    fn inflight_regions_are_made_sealed_and_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut h = handler(&dir);
+        let ask = VhostUserInflight {
+            mmap_size: 0,
+            mmap_offset: 0,
+            num_queues: 2,
+            queue_size: 256,
+        };
+        let (got, file) = h.get_inflight_fd(&ask).unwrap();
+        assert_eq!(got.mmap_size, region_size(2, 256) as u64);
+        assert_eq!(file.metadata().unwrap().len(), got.mmap_size);
+        let seals = fcntl(&file, FcntlArg::F_GET_SEALS).unwrap();
+        let want = SealFlag::F_SEAL_SHRINK | SealFlag::F_SEAL_GROW | SealFlag::F_SEAL_SEAL;
+        assert_eq!(SealFlag::from_bits_truncate(seals) & want, want);
+        assert!(h.set_inflight_fd(&got, file.try_clone().unwrap()).is_ok());
+        for bad in [
+            VhostUserInflight {
+                mmap_size: 4096,
+                ..got
+            },
+            VhostUserInflight {
+                queue_size: 100,
+                ..got
+            },
+            VhostUserInflight {
+                num_queues: 3,
+                ..got
+            },
+            VhostUserInflight {
+                mmap_offset: 4096,
+                ..got
+            },
+        ] {
+            assert!(h.set_inflight_fd(&bad, file.try_clone().unwrap()).is_err());
+        }
+        assert!(h
+            .get_inflight_fd(&VhostUserInflight {
+                num_queues: 9,
+                ..ask
+            })
+            .is_err());
     }
 }

@@ -115,6 +115,8 @@ impl View<'_> {
 /// What a queue resumes with after a restart.
 #[derive(Debug, PartialEq, Eq)]
 pub struct Recovery {
+    /// The region was fresh (version 0): nothing to recover, and the ring's base stands.
+    pub fresh: bool,
     /// Heads to run again before anything new, in the order they were first taken.
     pub heads: Vec<u16>,
     /// The counter to give the next head taken.
@@ -149,6 +151,7 @@ pub fn recover(
         }
         v.set_u16(VERSION_AT, VERSION);
         return Ok(Recovery {
+            fresh: true,
             heads: Vec::new(),
             next_counter: 1,
         });
@@ -202,6 +205,7 @@ pub fn recover(
     v.set_u16(USED_IDX_AT, used_idx);
     let next_counter = heads.last().map_or(1, |&(c, _)| c.saturating_add(1));
     Ok(Recovery {
+        fresh: false,
         heads: heads.into_iter().map(|(_, i)| i).collect(),
         next_counter,
     })
@@ -250,19 +254,23 @@ impl InflightRecord {
         self.region = region;
     }
 
-    /// Recovers from the region (see [`recover`]): the heads returned are in flight again.
-    pub fn recover(&mut self, queue_size: u16, used_idx: u16) -> Result<Vec<u16>, String> {
+    /// Recovers from the region (see [`recover`]): the heads returned are in flight again;
+    /// `None` if there is no region or it was fresh (nothing to recover).
+    pub fn recover(&mut self, queue_size: u16, used_idx: u16) -> Result<Option<Vec<u16>>, String> {
         let Some(r) = &self.region else {
-            return Ok(Vec::new());
+            return Ok(None);
         };
         let rec = recover(r.slice, queue_size, used_idx)?;
+        if rec.fresh {
+            return Ok(None);
+        }
         self.reset(queue_size);
         for &h in &rec.heads {
             self.in_flight[usize::from(h)] = true;
         }
         self.count = rec.heads.len();
         self.counter = rec.next_counter;
-        Ok(rec.heads)
+        Ok(Some(rec.heads))
     }
 
     /// Records `head` as taken; false if it is not a head of this queue or already in flight.
@@ -279,6 +287,17 @@ impl InflightRecord {
         }
         self.counter += 1;
         true
+    }
+
+    /// Drops `head` from the record without touching the shared region (a recovered head that
+    /// this ring will not run: the next recovery finds it again).
+    pub fn forget(&mut self, head: u16) {
+        if let Some(f) = self.in_flight.get_mut(usize::from(head)) {
+            if *f {
+                *f = false;
+                self.count -= 1;
+            }
+        }
     }
 
     /// Before `head` goes on the used ring: it is the last batch (of one).
@@ -350,6 +369,7 @@ mod tests {
         assert_eq!(
             r.recover(8, 5),
             Ok(Recovery {
+                fresh: true,
                 heads: vec![],
                 next_counter: 1
             })
@@ -370,6 +390,7 @@ mod tests {
         assert_eq!(
             r.recover(8, 10),
             Ok(Recovery {
+                fresh: false,
                 heads: vec![1, 7, 5],
                 next_counter: 31
             })
@@ -460,7 +481,7 @@ mod tests {
         let slice = unsafe { VolatileSlice::new(ptr, queue_region_size(8)) };
         let mut rec = InflightRecord::new(8);
         rec.set_region(Some(QueueRegion::new(slice, map.clone())));
-        assert_eq!(rec.recover(8, 0), Ok(vec![]));
+        assert_eq!(rec.recover(8, 0), Ok(None));
         assert!(rec.begin(3));
         assert!(!rec.begin(3), "a head in flight cannot be taken again");
         assert!(!rec.begin(8), "not a head of this queue");
@@ -471,12 +492,12 @@ mod tests {
         // A restart now resubmits head 3 only.
         let mut again = InflightRecord::new(8);
         again.set_region(Some(QueueRegion::new(slice, map.clone())));
-        assert_eq!(again.recover(8, 1), Ok(vec![3]));
+        assert_eq!(again.recover(8, 1), Ok(Some(vec![3])));
         assert_eq!(again.len(), 1);
         // Died after used idx 2 was published for head 3 but before the bookkeeping.
         again.before_used(3);
         let mut third = InflightRecord::new(8);
         third.set_region(Some(QueueRegion::new(slice, map)));
-        assert_eq!(third.recover(8, 2), Ok(vec![]));
+        assert_eq!(third.recover(8, 2), Ok(Some(vec![])));
     }
 }

@@ -131,6 +131,15 @@ impl QueueState {
         self.resubmit = heads.into();
     }
 
+    /// Heads recovered but not yet resubmitted are not run by this ring any more: they leave
+    /// the record (nothing will complete them) but stay marked in the shared region, so that
+    /// the next start recovers them again.
+    fn forget_resubmit(&mut self) {
+        for head in std::mem::take(&mut self.resubmit) {
+            self.inflight.forget(head);
+        }
+    }
+
     /// Stops using the ring for good: a broken ring is logged once.
     fn fail(&mut self, index: usize, why: String) {
         if self.broken.is_none() {
@@ -226,10 +235,10 @@ impl Queue {
         } else {
             st.started = false;
         }
+        st.forget_resubmit();
         while !st.inflight.is_empty() {
             st = self.idle.wait(st).unwrap_or_else(PoisonError::into_inner);
         }
-        st.resubmit.clear();
         if !disable_only {
             st.kick = None;
             st.call = None;
@@ -246,10 +255,10 @@ impl Queue {
     pub fn quiesce(&self) -> MutexGuard<'_, QueueState> {
         let mut st = self.lock();
         st.started = false;
+        st.forget_resubmit();
         while !st.inflight.is_empty() {
             st = self.idle.wait(st).unwrap_or_else(PoisonError::into_inner);
         }
-        st.resubmit.clear();
         st
     }
 
@@ -322,11 +331,9 @@ impl Queue {
     pub fn complete(&self, head: u16, outcome: Outcome, signal: bool) -> bool {
         let mut st = self.lock();
         let mut pending = false;
-        let used = match outcome {
-            Outcome::Used(len) if st.broken.is_none() && st.addresses_set => {
-                let Some(mem) = st.mem.clone() else {
-                    return false;
-                };
+        let mem = st.mem.clone();
+        let used = match (outcome, mem) {
+            (Outcome::Used(len), Some(mem)) if st.broken.is_none() && st.addresses_set => {
                 st.inflight.before_used(head);
                 match st.ring.add_used(&mem, head, len) {
                     Ok(()) => {
@@ -339,7 +346,7 @@ impl Queue {
                     }
                 }
             }
-            Outcome::Broken(why) => {
+            (Outcome::Broken(why), _) => {
                 st.fail(self.index, why);
                 None
             }
@@ -477,5 +484,42 @@ pub fn run_queue_thread(queue: &Arc<Queue>, mut serve: impl FnMut(&Arc<Queue>)) 
                 _ => {}
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::inflight::{queue_region_size, QueueRegion};
+    use vm_memory::VolatileSlice;
+
+    #[test]
+    fn a_stop_does_not_wait_for_recovered_heads_that_never_ran() {
+        let q = Queue::new(0, 8).unwrap();
+        // A region saying head 3 was in flight when the last backend died.
+        let len = queue_region_size(8);
+        let mut bytes = vec![0u8; len];
+        bytes[8] = 1; // version
+        bytes[10] = 8; // desc_num
+        bytes[16 + 48] = 1; // head 3 in flight
+        bytes[16 + 48 + 8] = 1; // its counter
+        let map = Arc::new(Mutex::new(bytes));
+        let ptr = map.lock().unwrap().as_mut_ptr();
+        // SAFETY: the Vec lives in `map`, which the region keeps alive and nobody resizes.
+        let slice = unsafe { VolatileSlice::new(ptr, len) };
+        {
+            let mut st = q.lock();
+            st.inflight
+                .set_region(Some(QueueRegion::new(slice, map.clone())));
+            let heads = st.inflight.recover(8, 0).unwrap().unwrap();
+            assert_eq!(heads, vec![3]);
+            st.set_resubmit(heads);
+            assert_eq!(st.inflight.len(), 1);
+        }
+        // The ring never ran (no kick, no memory): the stop must not wait for head 3.
+        q.stop(false);
+        assert!(q.lock().inflight.is_empty());
+        // It is still in flight in the region, for the next start.
+        assert_eq!(map.lock().unwrap()[16 + 48], 1);
     }
 }
