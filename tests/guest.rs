@@ -24,6 +24,10 @@
 //!   serve: all of them without `VHDX_GUEST_BACKEND`, only the differencing one with it. It is
 //!   for development before `serve` works; never set it in CI.
 //!
+//! The lifecycle tests at the end (issue 10) restart the backend with SIGKILL while the guest
+//! runs fio (QEMU reconnects: guest-run `--reconnect-ms`) and pause and resume the VM over QMP
+//! (guest-run `--qmp`); they always run our serve (`VHDX_SERVE_BIN` names another build of it).
+//!
 //! `VHDX_GUEST_VERBOSE=1` streams each guest's kernel console to stderr (`guest-run -v`). Run
 //! with `-- --nocapture` to see the timing lines.
 
@@ -60,8 +64,9 @@ fn foreign_backend() -> Option<Vec<String>> {
     }
 }
 
+/// This build's serve, or `$VHDX_SERVE_BIN`'s (to judge another build with the same tests).
 fn our_backend() -> Vec<String> {
-    vec![s(&bin()).to_owned(), "serve".to_owned()]
+    vec![s(&serve_bin()).to_owned(), "serve".to_owned()]
 }
 
 /// Whether a test that would run our serve is skipped (`VHDX_GUEST_SKIP_SERVE=1`); says so.
@@ -737,11 +742,24 @@ impl RestartingBackend {
         ));
     }
 
-    /// SIGKILL, reap, start again on the same socket.
-    fn kill_and_restart(&mut self) {
+    /// `signal` (SIGKILL: a crash; SIGTERM: an upgrade), reap, start again on the same
+    /// socket.
+    fn kill_and_restart(&mut self, signal: &str) {
         let mut child = self.child.take().expect("running");
-        child.kill().expect("SIGKILL the backend");
-        child.wait().unwrap();
+        let pid = child.id().to_string();
+        let sent = Command::new("kill").args([signal, &pid]).status();
+        assert!(
+            matches!(sent, Ok(st) if st.success()),
+            "kill {signal} {pid}: {sent:?}"
+        );
+        let status = wait_or_kill(&mut child, Duration::from_secs(10));
+        if signal == "-TERM" {
+            assert!(
+                matches!(status, Some(st) if st.success()),
+                "the backend exited with {status:?} after SIGTERM while the guest ran\n{}",
+                read_log(&self.socket)
+            );
+        }
         self.spawn();
     }
 
@@ -787,7 +805,20 @@ impl Drop for RestartingBackend {
 /// error and no I/O error in the guest's kernel log; the image checks clean and holds the data.
 #[test]
 fn backend_sigkilled_three_times_during_fio_verify() {
-    let test = "backend_sigkilled_three_times_during_fio_verify";
+    restarts_during_fio_verify("backend_sigkilled_three_times_during_fio_verify", "-KILL");
+}
+
+/// The same with SIGTERM (an upgrade): each time the backend finishes what it took, closes the
+/// image cleanly and exits 0, and the new one carries on.
+#[test]
+fn backend_sigtermed_and_restarted_three_times_during_fio_verify() {
+    restarts_during_fio_verify(
+        "backend_sigtermed_and_restarted_three_times_during_fio_verify",
+        "-TERM",
+    );
+}
+
+fn restarts_during_fio_verify(test: &str, signal: &'static str) {
     if skip_our_serve(test) {
         return;
     }
@@ -820,7 +851,7 @@ fn backend_sigkilled_three_times_during_fio_verify() {
                     b.child.as_ref().map_or(0, |c| bytes_moved(c.id()))
                 };
                 if moved >= threshold {
-                    backend.lock().unwrap().kill_and_restart();
+                    backend.lock().unwrap().kill_and_restart(signal);
                     kills += 1;
                     threshold = (4 + rng.next_u64() % 21) * MIB;
                 }
@@ -958,7 +989,7 @@ impl Qmp {
     }
 }
 
-/// (Issue 10) The VM is paused and resumed (QMP `stop` / `cont`) six times while the
+/// (Issue 10) The VM is paused and resumed (QMP `stop` / `cont`) up to forty times while the
 /// guest reads 4 MiB blocks with O_DIRECT and writes with a flush: stop must stop the device
 /// (GET_VRING_BASE after the last completion) and cont restart it without a lost interrupt;
 /// the guest's I/O keeps working and its data reads back.
@@ -978,6 +1009,8 @@ fn qmp_stop_and_cont_during_large_reads() {
     let backend = Backend::start_ours(&image, &socket, 1);
 
     let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let seed = rand::random::<u64>();
+    eprintln!("guest: {test}: stop/cont times from seed {seed}");
     let pauser = {
         let done = done.clone();
         let qmp_path = qmp_path.clone();
@@ -986,19 +1019,20 @@ fn qmp_stop_and_cont_during_large_reads() {
                 return 0;
             };
             let mut cycles = 0;
+            let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
             std::thread::sleep(Duration::from_secs(4));
-            // Six cycles, then the guest runs on: a guest that hangs after them lost a
-            // completion or an interrupt.
-            while cycles < 6 && !done.load(std::sync::atomic::Ordering::SeqCst) {
+            // Forty cycles at random moments, then the guest runs on: a guest that hangs
+            // after them lost a completion or an interrupt.
+            while cycles < 40 && !done.load(std::sync::atomic::Ordering::SeqCst) {
                 if qmp.run("stop").is_none() {
                     break;
                 }
-                std::thread::sleep(Duration::from_millis(300));
+                std::thread::sleep(Duration::from_millis(50 + rng.next_u64() % 250));
                 if qmp.run("cont").is_none() {
                     break;
                 }
                 cycles += 1;
-                std::thread::sleep(Duration::from_millis(700));
+                std::thread::sleep(Duration::from_millis(150 + rng.next_u64() % 550));
             }
             cycles
         })
@@ -1021,6 +1055,71 @@ fn qmp_stop_and_cont_during_large_reads() {
     assert!(cycles >= 3, "only {cycles} stop/cont cycles ran:\n{out}");
     backend.stop();
     assert_line(&out, "STOP CONT OK");
+    assert_qemu_img_check_clean(&image, test);
+    eprintln!("guest: {test}: {:.1} s in all", t.elapsed().as_secs_f64());
+}
+
+/// (Issue 10) The VM is reset (QMP `system_reset`) while the guest reads 4 MiB blocks with
+/// O_DIRECT: the device is stopped and started again on the new rings the guest's driver sets
+/// up, and no completion from before the reset may land in them ("id N is not a head"). On its
+/// second boot the guest reads back what it wrote before the reset and writes and reads anew.
+#[test]
+fn qmp_system_reset_during_large_reads() {
+    let test = "qmp_system_reset_during_large_reads";
+    if skip_our_serve(test) {
+        return;
+    }
+    let _one = one_guest();
+    let t = Instant::now();
+    let dir = tempdir("guest-reset-");
+    let image = dir.path().join("disk.vhdx");
+    let socket = dir.path().join("vhost.sock");
+    let qmp_path = dir.path().join("qmp.sock");
+    ours_ok(&["create", "-q", s(&image), "128M"]);
+    let backend = Backend::start_ours(&image, &socket, 1);
+    let pid = backend.child.as_ref().unwrap().id();
+
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let resetter = {
+        let done = done.clone();
+        let qmp_path = qmp_path.clone();
+        std::thread::spawn(move || {
+            let mut qmp = Qmp::connect(&qmp_path, Duration::from_secs(60))?;
+            // Reset once the first boot's read loop has moved 96 MiB through the backend.
+            let start = bytes_moved(pid);
+            while bytes_moved(pid) < start + 96 * MIB {
+                if done.load(std::sync::atomic::Ordering::SeqCst) {
+                    return None;
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            qmp.run("system_reset")
+        })
+    };
+    let args = ["/dev/vda".to_owned()];
+    let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        guest_run(
+            test,
+            &[&backend],
+            1,
+            &[
+                "--no-fio",
+                "--reboot",
+                "--qmp",
+                s(&qmp_path),
+                "--timeout",
+                "150",
+            ],
+            "reset.sh",
+            &args,
+        )
+    }));
+    done.store(true, std::sync::atomic::Ordering::SeqCst);
+    let reset = resetter.join().unwrap();
+    let out = out.unwrap_or_else(|e| std::panic::resume_unwind(e));
+    assert!(reset.is_some(), "the VM was not reset:\n{out}");
+    backend.stop();
+    assert_line(&out, "RESET OK");
     assert_qemu_img_check_clean(&image, test);
     eprintln!("guest: {test}: {:.1} s in all", t.elapsed().as_secs_f64());
 }

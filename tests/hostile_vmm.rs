@@ -403,7 +403,8 @@ fn truncated_memfd_data_buffer_fails_the_request_not_the_image() {
 }
 
 /// The queue is sized, given its eventfds, enabled and kicked before there is any memory; then
-/// the memory table and the whole ring setup follow, in QEMU's order. The queue must serve.
+/// come the memory table, GET_VRING_BASE (stop) and the whole ring setup in QEMU's order. The
+/// queue must serve.
 #[test]
 fn kicks_before_set_mem_table_on_a_second_connection() {
     let mut c = Case::start(&[]);
@@ -421,6 +422,8 @@ fn kicks_before_set_mem_table_on_a_second_connection() {
     r.kick.write(1).unwrap();
     std::thread::sleep(Duration::from_millis(50));
     f.set_mem_table(&[mem.region()]).unwrap();
+    // Stop the ring as QEMU does before it sets a ring up again, then set it up in full.
+    f.get_vring_base(0).expect("GET_VRING_BASE");
     f.queues.push(r);
     f.start_queue(&mem, 0, 0);
     assert!(
@@ -529,7 +532,7 @@ fn sigterm_while_waiting_on_an_abstract_fd_socket() {
     listen(&sock, Backlog::new(4).unwrap()).unwrap();
     let fd = sock.as_raw_fd();
     let log = dir.path().join("serve.log");
-    let mut cmd = Command::new(common::bin());
+    let mut cmd = Command::new(common::serve_bin());
     cmd.args(["serve", "--fd", &fd.to_string(), s(&image)])
         .stdin(Stdio::null())
         .stdout(std::fs::File::create(&log).unwrap())

@@ -904,8 +904,9 @@ impl Frontend {
 
     // ---- requests ----
 
-    /// Submits `req` on queue `q` with its data buffer at `data` (read/write/get-id; ignored
-    /// otherwise) and kicks. The header and status byte live in the ring's per-head slots.
+    /// Submits `req` on queue `q` and kicks. Its data buffer is at `data`: the bytes read or
+    /// written, the GET_ID string, or the 16-byte range of a discard or write-zeroes (unused by
+    /// a flush). The header and status byte live in the ring's per-head slots.
     pub fn submit(&mut self, mem: &Memory, q: usize, req: &Blk, data: u64) -> Pending {
         let p = self.add(mem, q, req, data);
         self.kick(q);

@@ -13,6 +13,14 @@ use nix::unistd::Pid;
 use super::frontend::{pattern, Frontend, Memory, Setup, MIB};
 use super::s;
 
+/// The binary that runs `serve`: this build's, or `$VHDX_SERVE_BIN` (to judge another build,
+/// e.g. main's, with the same tests).
+pub fn serve_bin() -> PathBuf {
+    std::env::var_os("VHDX_SERVE_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(super::bin)
+}
+
 /// A running `serve`; killed (SIGKILL) on drop, its log printed if the test is failing.
 pub struct Serve {
     pub child: Option<Child>,
@@ -48,7 +56,7 @@ impl Serve {
             .open(&self.log)
             .expect("creating the serve log");
         self.starts += 1;
-        let child = Command::new(super::bin())
+        let child = Command::new(serve_bin())
             .arg("serve")
             .arg("--socket-path")
             .arg(&self.socket)
