@@ -5,13 +5,15 @@ use std::sync::Mutex;
 
 use vhost_user_vhdx::vhdx::{MemStorage, Storage};
 
-use crate::sparse::MAX_FILE;
+/// The largest a file may grow. More than an input decodes to ([`crate::sparse::MAX_FILE`]): a
+/// writer grows a file by at least 32 MiB at a time.
+pub const MAX_GROWTH: u64 = 64 << 20;
 
 fn too_large(len: u64) -> io::Error {
     io::Error::other(format!("fuzz file limit: {len} bytes"))
 }
 
-/// A memory file that refuses to grow past [`MAX_FILE`], so that a hostile size (a log's
+/// A memory file that refuses to grow past [`MAX_GROWTH`], so that a hostile size (a log's
 /// LastFileOffset, a BAT entry) is an I/O error rather than an allocation of the harness.
 #[derive(Default)]
 pub struct Capped(pub MemStorage);
@@ -28,7 +30,7 @@ impl Storage for Capped {
     }
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
         let end = offset.saturating_add(buf.len() as u64);
-        if end > MAX_FILE {
+        if end > MAX_GROWTH {
             return Err(too_large(end));
         }
         self.0.write_at(buf, offset)
@@ -40,7 +42,7 @@ impl Storage for Capped {
         self.0.len()
     }
     fn set_len(&self, len: u64) -> io::Result<()> {
-        if len > MAX_FILE {
+        if len > MAX_GROWTH {
             return Err(too_large(len));
         }
         self.0.set_len(len)

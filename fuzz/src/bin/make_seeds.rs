@@ -29,7 +29,7 @@ fn dirty(mut bytes: Vec<u8>) -> Vec<u8> {
     let file = VhdxFile::open_storage(storage.clone(), PathBuf::from("/seed.vhdx"), true).unwrap();
     let chain = Chain::from_layers(vec![file]).unwrap();
     chain.write_at(&[0x5a; 4096], 0).unwrap();
-    chain.write_at(&[0xa5; 512], (1 << 20) + 512).unwrap();
+    chain.write_at(&[0xa5; 4096], (1 << 20) + 4096).unwrap();
     chain.write_zeroes(2 << 20, 1 << 20).unwrap();
     chain.flush().unwrap();
     // Dropped without close: the log is not emptied.
@@ -49,13 +49,13 @@ fn main() {
         subformat,
         ..Default::default()
     };
-    let mut images = vec![
-        ("dynamic", image(&small(512, Subformat::Dynamic))),
-        ("dynamic-4k", image(&small(4096, Subformat::Dynamic))),
-        ("fixed", image(&small(512, Subformat::Fixed))),
+    let mut images: Vec<(String, Vec<u8>)> = vec![
+        ("dynamic".into(), image(&small(512, Subformat::Dynamic))),
+        ("dynamic-4k".into(), image(&small(4096, Subformat::Dynamic))),
+        ("fixed".into(), image(&small(512, Subformat::Fixed))),
     ];
-    images.push(("dirty", dirty(images[0].1.clone())));
-    images.push(("dirty-4k", dirty(images[1].1.clone())));
+    images.push(("dirty".into(), dirty(images[0].1.clone())));
+    images.push(("dirty-4k".into(), dirty(images[1].1.clone())));
     // A differencing file, made on disk because its locator names the parent's path.
     let tmp = std::env::temp_dir().join(format!("vhdx-seeds-{}", std::process::id()));
     std::fs::create_dir_all(&tmp).unwrap();
@@ -84,7 +84,7 @@ fn main() {
         c.write_at(&[0x33; 1024], 4096).unwrap();
         c.close().unwrap();
     }
-    images.push(("differencing", std::fs::read(&child).unwrap()));
+    images.push(("differencing".into(), std::fs::read(&child).unwrap()));
     std::fs::remove_dir_all(&tmp).unwrap();
     for f in &args[2..] {
         let mut gz = flate2::read::GzDecoder::new(std::fs::File::open(f).unwrap());
@@ -95,7 +95,7 @@ fn main() {
             .unwrap()
             .to_string_lossy()
             .to_string();
-        images.push((Box::leak(name.into_boxed_str()), bytes));
+        images.push((name, bytes));
     }
     for (name, bytes) in &images {
         let mut seed = sparse::encode(bytes);
