@@ -228,17 +228,26 @@ fn effect(op: &Op) -> Vec<(u64, Tag)> {
     }
 }
 
-fn workload(rng: &mut StdRng, n: usize) -> Vec<Op> {
+/// `aligned` percent of the ops start on a block boundary (0 keeps the seed's original
+/// sequence): whole-block writes, discards and write-zeroes over partially present blocks.
+fn workload(rng: &mut StdRng, n: usize, aligned: u32) -> Vec<Op> {
     let disk = DISK / SECTOR;
+    let per_block = u64::from(BLOCK) / SECTOR;
     (0..n)
         .map(|i| {
             let count = match rng.gen_range(0..10) {
                 0..=6 => rng.gen_range(1..=16),
                 7..=8 => rng.gen_range(1..=4096),
-                _ => u64::from(BLOCK) / SECTOR,
+                _ => per_block,
             }
             .min(disk);
-            let sector = rng.gen_range(0..=disk - count);
+            let mut sector = rng.gen_range(0..=disk - count);
+            if aligned > 0 && rng.gen_range(0..100) < aligned {
+                sector = sector / per_block * per_block;
+                if rng.gen_bool(0.5) {
+                    sector = (sector + per_block).min(disk - count) / per_block * per_block;
+                }
+            }
             match rng.gen_range(0..100) {
                 0..=59 => Op::Write {
                     sector,
@@ -260,9 +269,22 @@ struct Outcome {
     failures: Vec<String>,
 }
 
+/// What a run exercises.
+#[derive(Clone, Copy)]
+struct Mode {
+    differencing: bool,
+    ops: usize,
+    /// Percent of ops aligned to a block (see [`workload`]).
+    aligned: u32,
+    /// Commit the log after every metadata change (`VhdxFile::commit_every_change`), so that a
+    /// crash point lies between any two metadata changes of one operation.
+    commit_every_change: bool,
+}
+
 /// Runs the workload on a new file over `parent` (differencing) or alone, then enumerates the
 /// crash points.
-fn enumerate(seed: u64, differencing: bool) -> Outcome {
+fn enumerate(seed: u64, mode: Mode) -> Outcome {
+    let differencing = mode.differencing;
     let mut rng = StdRng::seed_from_u64(seed);
     let dir = common::tempdir("crash-");
     let parent_path = dir.path().join("parent.vhdx");
@@ -319,7 +341,7 @@ fn enumerate(seed: u64, differencing: bool) -> Outcome {
         };
 
     // Run the workload, recording.
-    let ops = workload(&mut rng, 1000);
+    let ops = workload(&mut rng, mode.ops, mode.aligned);
     let rec = Arc::new(Recorder {
         mem: MemStorage::new(initial.clone()),
         events: Mutex::new(Vec::new()),
@@ -330,6 +352,7 @@ fn enumerate(seed: u64, differencing: bool) -> Outcome {
     let mut snapshots: HashMap<usize, Vec<Tag>> = HashMap::new();
     {
         let chain = open_chain(rec.clone(), true).unwrap();
+        chain.leaf().commit_every_change(mode.commit_every_change);
         for (i, op) in ops.iter().enumerate() {
             rec.record(Event::OpStart(i));
             match *op {
@@ -516,8 +539,8 @@ fn verify(
     }
 }
 
-fn run(seed: u64, differencing: bool) {
-    let out = enumerate(seed, differencing);
+fn run(seed: u64, mode: Mode) {
+    let out = enumerate(seed, mode);
     println!(
         "crash points: {}, recovered: {}, flushed bytes lost: {}",
         out.points, out.recovered, out.flushed_bytes_lost
@@ -531,12 +554,56 @@ fn run(seed: u64, differencing: bool) {
     );
 }
 
+const NORMAL: Mode = Mode {
+    differencing: false,
+    ops: 1000,
+    aligned: 0,
+    commit_every_change: false,
+};
+
 #[test]
 fn every_crash_point_of_a_dynamic_file_recovers() {
-    run(1, false);
+    run(1, NORMAL);
 }
 
 #[test]
 fn every_crash_point_of_a_differencing_file_recovers() {
-    run(2, true);
+    run(
+        2,
+        Mode {
+            differencing: true,
+            ..NORMAL
+        },
+    );
+}
+
+/// A commit between any two metadata changes of one operation: partially present blocks of a
+/// differencing file taken whole by a write, write-zeroes or discard must never be durable as
+/// PARTIALLY_PRESENT with their bits cleared (every sector would read from the parent again).
+#[test]
+fn a_commit_between_any_two_metadata_changes_of_a_differencing_file_recovers() {
+    for seed in [3, 4] {
+        run(
+            seed,
+            Mode {
+                differencing: true,
+                ops: 300,
+                aligned: 40,
+                commit_every_change: true,
+            },
+        );
+    }
+}
+
+#[test]
+fn a_commit_between_any_two_metadata_changes_of_a_dynamic_file_recovers() {
+    run(
+        5,
+        Mode {
+            ops: 300,
+            aligned: 40,
+            commit_every_change: true,
+            ..NORMAL
+        },
+    );
 }

@@ -25,10 +25,10 @@ use vhost_user_vhdx::vhdx::check::{check, Repair};
 use vhost_user_vhdx::vhdx::create::{create, CreateOptions, Subformat};
 use vhost_user_vhdx::vhdx::format::{
     BAT_REGION_GUID, FILE_PARAMETERS_GUID, LOGICAL_SECTOR_SIZE_GUID, METADATA_REGION_GUID,
-    PARENT_LOCATOR_GUID, VIRTUAL_DISK_ID_GUID, VIRTUAL_DISK_SIZE_GUID,
+    PARENT_LOCATOR_GUID, VHDX_LOCATOR_TYPE_GUID, VIRTUAL_DISK_ID_GUID, VIRTUAL_DISK_SIZE_GUID,
 };
 use vhost_user_vhdx::vhdx::header::read_headers;
-use vhost_user_vhdx::vhdx::locator::{format_guid_string, ParentLocator};
+use vhost_user_vhdx::vhdx::locator::{format_guid_string, ParentLocator, KEY_RELATIVE_PATH};
 use vhost_user_vhdx::vhdx::log::entry::build_entry;
 use vhost_user_vhdx::vhdx::log::LogOp;
 use vhost_user_vhdx::vhdx::{
@@ -1638,6 +1638,93 @@ fn locator_without_parent_linkage() {
         Corruption::BadParentLocator("parent_linkage is missing".into()),
         &["parent locator: parent_linkage is missing"],
     );
+}
+
+/// A parent locator of 65,535 entries (the most its u16 count allows) with distinct keys, in
+/// under 1 MiB: the table, then one string of UTF-16 units in which every key is two adjacent
+/// units at its own offset (a de Bruijn sequence over 256 letters: every pair occurs once) and
+/// every value is the same unit. The last two entries are parent_linkage and relative_path.
+/// With `duplicate`, the last de Bruijn key repeats the first.
+fn many_key_locator(duplicate: bool) -> Vec<u8> {
+    const N: usize = 65_535;
+    let letters = 256u16;
+    let mut units: Vec<u16> = Vec::new();
+    for a in 0..letters {
+        units.push(0x100 + a);
+        for b in a + 1..letters {
+            units.extend([0x100 + a, 0x100 + b]);
+        }
+    }
+    units.push(0x100);
+    let keys = N - 2;
+    let table_end = 20 + N * 12;
+    let mut strings: Vec<u8> = units.iter().flat_map(|u| u.to_le_bytes()).collect();
+    let mut add = |s: &str| {
+        let at = table_end + strings.len();
+        let bytes: Vec<u8> = s.encode_utf16().flat_map(u16::to_le_bytes).collect();
+        strings.extend(&bytes);
+        (at as u32, bytes.len() as u16)
+    };
+    let value = add("v");
+    let named = [
+        (
+            add("parent_linkage"),
+            add("{83ed0ec3-24c8-49a6-a959-5e4bf1288bfb}"),
+        ),
+        (add("relative_path"), add("parent.vhdx")),
+    ];
+    let mut item = Vec::with_capacity(table_end + strings.len());
+    item.extend(VHDX_LOCATOR_TYPE_GUID.to_bytes_le());
+    item.extend(0u16.to_le_bytes());
+    item.extend((N as u16).to_le_bytes());
+    let mut entry = |(ko, kl): (u32, u16), (vo, vl): (u32, u16)| {
+        item.extend(ko.to_le_bytes());
+        item.extend(vo.to_le_bytes());
+        item.extend(kl.to_le_bytes());
+        item.extend(vl.to_le_bytes());
+    };
+    for i in 0..keys {
+        let k = if duplicate && i == keys - 1 { 0 } else { i };
+        entry(((table_end + 2 * k) as u32, 4), value);
+    }
+    for (k, v) in named {
+        entry(k, v);
+    }
+    item.extend(strings);
+    assert!(item.len() <= MIB as usize, "{} bytes", item.len());
+    item
+}
+
+/// The duplicate-key check of a locator with 65,535 keys must not be quadratic (it took 7 s of
+/// CPU on every open): a duplicate is found, and distinct keys are accepted.
+#[test]
+fn locator_with_65535_keys() {
+    for duplicate in [true, false] {
+        let d = dir();
+        let p = ours_dynamic(d.path());
+        let mut r = Raw::load(&p);
+        let fp = r.item(FILE_PARAMETERS_GUID).0;
+        let flags = r.u32(fp + 4);
+        r.set_file_parameter_flags(flags | 2);
+        r.add_item(PARENT_LOCATOR_GUID, 4, &many_key_locator(duplicate));
+        r.save();
+        let start = std::time::Instant::now();
+        let opened = open(&p);
+        println!("open (duplicate: {duplicate}): {:?}", start.elapsed());
+        if duplicate {
+            // Key 0 is units 0x100, 0x100.
+            expect_corruption(
+                opened,
+                Corruption::BadParentLocator("key \"\u{100}\u{100}\" appears twice".into()),
+                &["appears twice"],
+            );
+        } else {
+            let f = opened.expect("65,535 distinct keys are a valid locator");
+            let l = f.metadata.parent_locator.as_ref().expect("a locator");
+            assert_eq!(l.entries.len(), 65_535);
+            assert_eq!(l.get(KEY_RELATIVE_PATH), Some("parent.vhdx"));
+        }
+    }
 }
 
 #[test]

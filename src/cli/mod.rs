@@ -2,15 +2,15 @@
 //! habits and scripts carry over.
 
 pub mod check;
-pub mod compact;
 pub mod commit;
+pub mod compact;
 pub mod convert;
 pub mod create;
 pub mod info;
 pub mod io;
 pub mod options;
-pub mod resize;
 pub mod rebase;
+pub mod resize;
 pub mod serve;
 
 use std::path::PathBuf;

@@ -311,6 +311,16 @@ impl VhdxFile {
         self.writer()?.trim(offset, len, zero)
     }
 
+    /// Testing aid for crash-point tests: when on, every metadata change of a write, discard or
+    /// write-zeroes is committed to the log before the next one is made, so that a crash can be
+    /// enumerated between any two changes of one operation.
+    #[doc(hidden)]
+    pub fn commit_every_change(&self, on: bool) {
+        if let Some(w) = &self.writer {
+            w.commit_every_change(on);
+        }
+    }
+
     pub fn flush(&self) -> Result<()> {
         match &self.writer {
             Some(w) => w.flush(),

@@ -156,7 +156,9 @@ impl Txn {
         let r = if pages.is_empty() {
             wal.flush()
         } else {
-            wal.mark_dirty(&pages).and_then(|_| wal.flush())
+            // The guard ends before the flush waits for the commit (see `Wal::change`).
+            let marked = wal.change().mark_dirty(&pages);
+            marked.and_then(|_| wal.flush())
         };
         r.map_err(|e| Error::io("committing a metadata change", e))?;
         // The WAL wrote them in place before the commit returned: the file has them now.

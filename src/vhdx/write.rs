@@ -11,7 +11,8 @@
 //!    memory, and the WAL flushes data before it logs the entry.
 //! 5. Freed space is reused only once the change that freed it is durable: [`FreeSpace`].
 //! 6. A bitmap block is allocated and zeroed before any PARTIALLY_PRESENT entry points at it, and
-//!    a block's bits are cleared when it leaves PARTIALLY_PRESENT.
+//!    a block's bits are cleared when it leaves PARTIALLY_PRESENT, in the same change as its
+//!    entry ([`Writer::make_full`]): never durable as partial with its bits gone.
 //!
 //! Concurrency: 64 striped reader/writer locks guard block state. Writes and zero-fills to an
 //! allocated block take the read side, so queues write different (or the same) allocated blocks
@@ -20,6 +21,7 @@
 
 use std::collections::BTreeMap;
 use std::io;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, RwLock};
 
 use uuid::Uuid;
@@ -73,6 +75,20 @@ impl PageSource for MetadataPages {
         }
         self.storage.read_at(&mut out[..], file_offset).map(|_| ())
     }
+
+    /// BAT pages before every other page, and among them from the end of the table down: a
+    /// block's entry makes its bitmap bits safe to clear (a partially present block with its
+    /// bits cleared would read from the parent), and a chunk's sector bitmap entry, which
+    /// follows the chunk's payload entries in the table, must be durable no later than a
+    /// PARTIALLY_PRESENT entry that relies on it.
+    fn order(&self, file_offset: u64) -> (u8, u64) {
+        let bat_end = self.bat_offset + self.bat.len() * 8;
+        if (self.bat_offset..bat_end).contains(&file_offset) {
+            (0, u64::MAX - file_offset)
+        } else {
+            (1, file_offset)
+        }
+    }
 }
 
 /// State that exists once the session's first change has been made.
@@ -102,6 +118,8 @@ pub struct Writer {
     /// The DataWriteGuid the session's first change sets; `None`: a new one.
     data_write_guid: Option<Uuid>,
     other_pages: Arc<Mutex<OtherPages>>,
+    /// Testing aid: commit after every metadata change ([`Writer::commit_every_change`]).
+    commit_each_change: AtomicBool,
 }
 
 pub struct WriterParts {
@@ -143,7 +161,13 @@ impl Writer {
             poisoned: Mutex::new(None),
             data_write_guid: p.data_write_guid,
             other_pages: Default::default(),
+            commit_each_change: AtomicBool::new(false),
         }
+    }
+
+    /// Testing aid: commit every metadata change before the next one is made.
+    pub fn commit_every_change(&self, on: bool) {
+        self.commit_each_change.store(on, Ordering::Relaxed);
     }
 
     pub fn bitmaps(&self) -> &BitmapCache {
@@ -271,34 +295,87 @@ impl Writer {
         Ok(allocation)
     }
 
-    fn mark_dirty(&self, s: &Session, pages: &[u64]) -> Result<u64> {
-        self.io("recording a metadata change", s.wal.mark_dirty(pages))
+    /// Makes one metadata change: `f` changes the in-memory truth and returns the pages it
+    /// touched; the WAL logs them in one commit, whole (see [`Wal::change`]). Returns the
+    /// generation whose commit makes the change durable.
+    fn change(&self, s: &Session, f: impl FnOnce(&mut Vec<u64>) -> Result<()>) -> Result<u64> {
+        let generation = {
+            let change = s.wal.change();
+            let mut pages = Vec::new();
+            let changed = f(&mut pages);
+            let marked = self.io("recording a metadata change", change.mark_dirty(&pages));
+            changed?;
+            marked?
+        };
+        if self.commit_each_change.load(Ordering::Relaxed) {
+            self.io("committing a metadata change", s.wal.flush())?;
+        }
+        Ok(generation)
     }
 
     fn bat_page(&self, index: u64) -> u64 {
         self.bat_offset + index * 8 / LOG_SECTOR_SIZE as u64 * LOG_SECTOR_SIZE as u64
     }
 
-    /// Publishes a BAT entry and marks its page dirty; returns the WAL generation.
-    fn publish(&self, s: &Session, index: u64, entry: BatEntry) -> Result<u64> {
+    /// Sets a BAT entry in memory; part of a [`Writer::change`].
+    fn set_entry(&self, pages: &mut Vec<u64>, index: u64, entry: BatEntry) {
         self.bat.set_entry(index, entry);
-        self.mark_dirty(s, &[self.bat_page(index)])
+        pages.push(self.bat_page(index));
     }
 
-    /// Sets or clears the bitmap bits of sectors `[in_block, in_block + n)` of `block`.
-    fn set_bits(&self, s: &Session, block: u64, in_block: u64, n: u64, value: bool) -> Result<()> {
+    /// Publishes a BAT entry; returns the WAL generation.
+    fn publish(&self, s: &Session, index: u64, entry: BatEntry) -> Result<u64> {
+        self.change(s, |pages| {
+            self.set_entry(pages, index, entry);
+            Ok(())
+        })
+    }
+
+    /// Sets or clears, in memory, the bitmap bits of sectors `[in_block, in_block + n)` of
+    /// `block`; part of a [`Writer::change`].
+    fn change_bits(
+        &self,
+        pages: &mut Vec<u64>,
+        block: u64,
+        in_block: u64,
+        n: u64,
+        value: bool,
+    ) -> Result<()> {
         let g = &self.geometry;
         let lss = u64::from(g.logical_sector_size);
         let chunk = block / g.chunk_ratio();
         let sb = self.bat.bitmap(chunk).file_offset();
         let first_bit = (block % g.chunk_ratio()) * g.sectors_per_block() + in_block / lss;
-        let pages = self.io(
-            "updating a sector bitmap",
-            self.bitmaps
-                .set_bits(&*self.storage, sb, first_bit, n / lss, value),
-        )?;
-        self.mark_dirty(s, &pages)?;
+        pages.extend(
+            self.io(
+                "updating a sector bitmap",
+                self.bitmaps
+                    .set_bits(&*self.storage, sb, first_bit, n / lss, value),
+            )?,
+        );
         Ok(())
+    }
+
+    /// Sets the bitmap bits of sectors `[in_block, in_block + n)` of `block`.
+    fn set_bits(&self, s: &Session, block: u64, in_block: u64, n: u64) -> Result<()> {
+        self.change(s, |pages| self.change_bits(pages, block, in_block, n, true))
+            .map(drop)
+    }
+
+    /// A PARTIALLY_PRESENT block becomes FULLY_PRESENT and its bits are cleared (rule 6), in
+    /// one change. The entry changes first, so a concurrent reader never sees the block still
+    /// partial with its bits gone; and within the commit, BAT pages become durable no later
+    /// than bitmap pages ([`MetadataPages::order`]), so no crash finds it that way either: it
+    /// would read every sector from the parent.
+    fn make_full(&self, s: &Session, block: u64, offset: u64) -> Result<()> {
+        let bs = u64::from(self.geometry.block_size);
+        let index = self.geometry.payload_index(block);
+        self.change(s, |pages| {
+            let full = BatEntry::new(PayloadBlockState::FullyPresent.bits(), offset);
+            self.set_entry(pages, index, full);
+            self.change_bits(pages, block, 0, bs, false)
+        })
+        .map(drop)
     }
 
     /// The bitmap block of `chunk`, allocated and zeroed if it was not present (rule 6).
@@ -363,7 +440,7 @@ impl Writer {
                 PayloadBlockState::FullyPresent => return write_at(entry.file_offset()),
                 PayloadBlockState::PartiallyPresent if !whole => {
                     write_at(entry.file_offset())?;
-                    return self.set_bits(s, block, in_block, n, true);
+                    return self.set_bits(s, block, in_block, n);
                 }
                 _ => {}
             }
@@ -378,23 +455,19 @@ impl Writer {
             PayloadBlockState::FullyPresent => write_at(entry.file_offset()),
             PayloadBlockState::PartiallyPresent if !whole => {
                 write_at(entry.file_offset())?;
-                self.set_bits(s, block, in_block, n, true)
+                self.set_bits(s, block, in_block, n)
             }
             PayloadBlockState::PartiallyPresent => {
-                // Every sector is now in this file: the block leaves PARTIALLY_PRESENT and its
-                // bits are cleared (rule 6).
+                // Every sector is now in this file.
                 write_at(entry.file_offset())?;
-                self.set_bits(s, block, 0, bs, false)?;
-                let full =
-                    BatEntry::new(PayloadBlockState::FullyPresent.bits(), entry.file_offset());
-                self.publish(s, index, full).map(drop)
+                self.make_full(s, block, entry.file_offset())
             }
             PayloadBlockState::NotPresent if self.geometry.has_parent && !whole => {
                 // The rest of the block stays in the parent: no fill needed, only bits.
                 self.ensure_bitmap_block(s, block / self.geometry.chunk_ratio())?;
                 let a = self.allocate(s, bs)?;
                 write_at(a.offset)?;
-                self.set_bits(s, block, in_block, n, true)?;
+                self.set_bits(s, block, in_block, n)?;
                 let partial = BatEntry::new(PayloadBlockState::PartiallyPresent.bits(), a.offset);
                 self.publish(s, index, partial).map(drop)
             }
@@ -530,14 +603,14 @@ impl Writer {
         if state != PayloadBlockState::NotPresent {
             self.io("zeroing a block", self.storage.punch_hole(offset, bs))?;
         }
-        if state == PayloadBlockState::PartiallyPresent {
-            self.set_bits(s, block, 0, bs, false)?;
+        match state {
+            PayloadBlockState::PartiallyPresent => self.make_full(s, block, offset),
+            PayloadBlockState::NotPresent => {
+                let full = BatEntry::new(PayloadBlockState::FullyPresent.bits(), offset);
+                self.publish(s, index, full).map(drop)
+            }
+            _ => Ok(()),
         }
-        if state != PayloadBlockState::FullyPresent {
-            let full = BatEntry::new(PayloadBlockState::FullyPresent.bits(), offset);
-            self.publish(s, index, full)?;
-        }
-        Ok(())
     }
 
     /// Makes every change completed before the call durable.
@@ -606,8 +679,12 @@ impl Writer {
         self.check_poison()?;
         let s = self.session()?;
         let offsets: Vec<u64> = pages.iter().map(|(o, _)| *o).collect();
-        locked(&self.other_pages).extend(pages);
-        self.mark_dirty(s, &offsets).map(drop)
+        self.change(s, |dirty| {
+            locked(&self.other_pages).extend(pages);
+            dirty.extend(offsets);
+            Ok(())
+        })
+        .map(drop)
     }
 
     /// Makes a block of a differencing file read from the parent again (NOT_PRESENT), giving
@@ -629,15 +706,16 @@ impl Writer {
         if state == PayloadBlockState::NotPresent {
             return Ok(());
         }
-        if state == PayloadBlockState::PartiallyPresent {
-            self.set_bits(s, block, 0, bs, false)?;
-        }
         let index = self.geometry.payload_index(block);
-        let generation = self.publish(
-            s,
-            index,
-            BatEntry::new(PayloadBlockState::NotPresent.bits(), 0),
-        )?;
+        // The entry and the cleared bits in one change (rule 6), as in `make_full`.
+        let generation = self.change(s, |pages| {
+            let absent = BatEntry::new(PayloadBlockState::NotPresent.bits(), 0);
+            self.set_entry(pages, index, absent);
+            if state == PayloadBlockState::PartiallyPresent {
+                self.change_bits(pages, block, 0, bs, false)?;
+            }
+            Ok(())
+        })?;
         if state.has_data() {
             locked(&s.space).release(entry.file_offset(), bs, generation);
         }

@@ -1,9 +1,12 @@
 //! The WAL worker: one thread per writable file, running an epoll loop on an eventfd.
 //!
 //! Writers change metadata in memory (the BAT, bitmap pages) and mark the 4 KiB pages they
-//! touched dirty. The worker turns dirty pages into log entries in *commits*. One commit:
+//! touched dirty, both inside one [`Change`]. The worker turns dirty pages into log entries in
+//! *commits*. One commit:
 //!
-//! 1. snapshot the dirty pages' current contents;
+//! 1. snapshot the dirty pages' current contents, with no change in progress: a change that
+//!    touches several pages (a block's BAT entry and the bits it makes meaningless) is in one
+//!    commit whole, never split between two;
 //! 2. `fdatasync`: every data write published before the snapshot is durable (design rule 2),
 //!    and so are the in-place writes of the previous commit, so its log entry is no longer needed;
 //! 3. write an entry whose Tail is itself, `fdatasync` (rule 3) — now the commit is durable and
@@ -13,7 +16,9 @@
 //!
 //! An entry is at most half the log, so writing entry k never touches entry k-1, the only one
 //! replay may still need; more dirty pages than fit take several rounds, each applied and
-//! flushed before the next is logged. The log therefore never fills up: a large commit simply
+//! flushed before the next is logged. A crash between rounds leaves the earlier rounds durable
+//! and the later ones not, so rounds go in the order [`PageSource::order`] gives: the pages
+//! that make others safe first. The log therefore never fills up: a large commit simply
 //! takes more rounds (back-pressure on the flushes waiting for it), never an error.
 //!
 //! Any I/O error poisons the file: the worker stops writing and every waiter and later request
@@ -22,7 +27,7 @@
 use std::collections::BTreeSet;
 use std::io;
 use std::os::fd::AsRawFd;
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock, RwLockReadGuard};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -39,6 +44,13 @@ pub const COMMIT_INTERVAL: Duration = Duration::from_secs(2);
 /// Supplies the current contents of a metadata page by file offset.
 pub trait PageSource: Send + Sync {
     fn page(&self, file_offset: u64, out: &mut [u8; LOG_SECTOR_SIZE]) -> io::Result<()>;
+
+    /// Where a page goes among the pages of one commit, which may take several rounds: pages
+    /// with a lower key become durable no later than pages with a higher one. A page whose
+    /// change makes another page's change safe must sort first. By file offset unless said.
+    fn order(&self, file_offset: u64) -> (u8, u64) {
+        (0, file_offset)
+    }
 }
 
 /// Called with each generation once it is durable (to release freed space).
@@ -60,6 +72,8 @@ struct State {
 
 struct Shared {
     state: Mutex<State>,
+    /// Held shared by every [`Change`], exclusively by a commit while it takes its snapshot.
+    cut: RwLock<()>,
     changed: Condvar,
     kick: EventFd,
     storage: Arc<dyn Storage>,
@@ -108,6 +122,7 @@ impl Wal {
                 poisoned: None,
                 shutdown: false,
             }),
+            cut: RwLock::new(()),
             changed: Condvar::new(),
             kick: EventFd::new(EFD_NONBLOCK)?,
             storage,
@@ -142,14 +157,14 @@ impl Wal {
         })
     }
 
-    /// Records changed metadata pages; returns the generation whose commit will contain them.
-    pub fn mark_dirty(&self, pages: &[u64]) -> io::Result<u64> {
-        let mut st = lock(&self.shared);
-        if let Some(p) = &st.poisoned {
-            return Err(poison_error(p));
+    /// Starts a metadata change. Make the in-memory changes and mark their pages dirty while
+    /// the returned guard lives: a commit then sees all of them or none. Never start a second
+    /// change, or wait for a commit, while holding one.
+    pub fn change(&self) -> Change<'_> {
+        Change {
+            shared: &self.shared,
+            _cut: self.shared.cut.read().unwrap_or_else(|e| e.into_inner()),
         }
-        st.dirty.extend(pages.iter().copied());
-        Ok(st.started + 1)
     }
 
     /// Asks for a commit without waiting (e.g. so that freed space comes back soon).
@@ -236,6 +251,24 @@ impl Wal {
     }
 }
 
+/// A metadata change in progress (see [`Wal::change`]).
+pub struct Change<'a> {
+    shared: &'a Shared,
+    _cut: RwLockReadGuard<'a, ()>,
+}
+
+impl Change<'_> {
+    /// Records changed metadata pages; returns the generation whose commit will contain them.
+    pub fn mark_dirty(&self, pages: &[u64]) -> io::Result<u64> {
+        let mut st = lock(self.shared);
+        if let Some(p) = &st.poisoned {
+            return Err(poison_error(p));
+        }
+        st.dirty.extend(pages.iter().copied());
+        Ok(st.started + 1)
+    }
+}
+
 impl Drop for Wal {
     fn drop(&mut self) {
         self.stop();
@@ -296,9 +329,8 @@ fn run(shared: &Shared, mut cursor: Cursor) {
         let generation = st.started + 1;
         st.started = generation;
         st.committing = true;
-        let dirty: Vec<u64> = std::mem::take(&mut st.dirty).into_iter().collect();
         drop(st);
-        let result = commit(shared, &mut cursor, &dirty);
+        let result = commit(shared, &mut cursor);
         lock(shared).committing = false;
         shared.changed.notify_all();
         match result {
@@ -341,11 +373,14 @@ fn pages_per_entry(log_length: u64) -> usize {
     n.max(1) as usize
 }
 
-fn commit(shared: &Shared, cursor: &mut Cursor, dirty: &[u64]) -> io::Result<()> {
-    let storage = &*shared.storage;
-    // Step 1: snapshot. Everything the snapshot shows was written before it was published.
+/// The dirty pages and their contents, taken with no [`Change`] in progress, in the order of
+/// [`PageSource::order`]. Pages marked dirty after the generation was started but before the
+/// snapshot come along: durable sooner than promised, never later.
+fn snapshot(shared: &Shared) -> io::Result<Vec<LogOp>> {
+    let _cut = shared.cut.write().unwrap_or_else(|e| e.into_inner());
+    let dirty = in_commit_order(&*shared.pages, std::mem::take(&mut lock(shared).dirty));
     let mut ops = Vec::with_capacity(dirty.len());
-    for &offset in dirty {
+    for offset in dirty {
         let mut data = Box::new([0u8; LOG_SECTOR_SIZE]);
         shared.pages.page(offset, &mut data)?;
         ops.push(LogOp::Data {
@@ -353,6 +388,19 @@ fn commit(shared: &Shared, cursor: &mut Cursor, dirty: &[u64]) -> io::Result<()>
             data,
         });
     }
+    Ok(ops)
+}
+
+fn in_commit_order(pages: &dyn PageSource, dirty: BTreeSet<u64>) -> Vec<u64> {
+    let mut dirty: Vec<u64> = dirty.into_iter().collect();
+    dirty.sort_by_key(|&offset| (pages.order(offset), offset));
+    dirty
+}
+
+fn commit(shared: &Shared, cursor: &mut Cursor) -> io::Result<()> {
+    let storage = &*shared.storage;
+    // Step 1: snapshot. Everything the snapshot shows was written before it was published.
+    let ops = snapshot(shared)?;
     // Step 2: data (and the previous commit's in-place writes) durable. The size read before
     // the flush is durable after it (FlushedFileOffset); a concurrent allocation may grow the
     // file meanwhile, which only LastFileOffset reflects.
@@ -427,5 +475,29 @@ mod tests {
         // With its terminator sector, an entry takes at most half the log.
         assert!(descriptor_sectors(n) + n < 128);
         assert_eq!(pages_per_entry(8 * MIB), 126);
+    }
+
+    /// Pages below 1 MiB stand for the BAT: first, from the top down; the rest by offset.
+    struct Ranked;
+    impl PageSource for Ranked {
+        fn page(&self, _: u64, _: &mut [u8; LOG_SECTOR_SIZE]) -> io::Result<()> {
+            Ok(())
+        }
+        fn order(&self, offset: u64) -> (u8, u64) {
+            if offset < MIB {
+                (0, u64::MAX - offset)
+            } else {
+                (1, offset)
+            }
+        }
+    }
+
+    #[test]
+    fn rounds_follow_the_page_order() {
+        let dirty: BTreeSet<u64> = [3 * MIB, 4096, 2 * MIB, 8192, 0].into();
+        assert_eq!(
+            in_commit_order(&Ranked, dirty),
+            [8192, 4096, 0, 2 * MIB, 3 * MIB]
+        );
     }
 }
