@@ -27,6 +27,7 @@ use zerocopy::{Immutable, IntoBytes, KnownLayout};
 
 use crate::helper_pool::HelperPool;
 use crate::requests::{Requests, MAX_DISCARD_SECTORS};
+use crate::sandbox::ThreadKind;
 use crate::vhdx::Chain;
 use crate::virtio_blk::{self, Descriptor};
 
@@ -363,6 +364,8 @@ impl VhostUserBackend for BlockBackend {
     }
 
     fn features(&self) -> u64 {
+        // vhost-user-backend's message thread: GET_FEATURES is a VMM's first message.
+        ThreadKind::Control.confine();
         let mut f = (1u64 << VIRTIO_F_VERSION_1)
             | (1 << VIRTIO_RING_F_INDIRECT_DESC)
             | (1 << VIRTIO_RING_F_EVENT_IDX)
@@ -382,6 +385,7 @@ impl VhostUserBackend for BlockBackend {
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        ThreadKind::Control.confine();
         VhostUserProtocolFeatures::CONFIG
             | VhostUserProtocolFeatures::MQ
             | VhostUserProtocolFeatures::REPLY_ACK
@@ -423,6 +427,7 @@ impl VhostUserBackend for BlockBackend {
     }
 
     fn update_memory(&self, mem: GuestMemoryType) -> io::Result<()> {
+        ThreadKind::Control.confine();
         *self.0.mem.write().unwrap_or_else(|e| e.into_inner()) = Some(mem);
         Ok(())
     }
@@ -442,6 +447,9 @@ impl VhostUserBackend for BlockBackend {
         vrings: &[Vring],
         _thread_id: usize,
     ) -> io::Result<()> {
+        // vhost-user-backend starts the queue worker threads, outside our code: each
+        // confines itself on its first event.
+        ThreadKind::Queue.confine();
         if evset != EventSet::IN {
             return Err(io::Error::other(format!("unexpected event set {evset:?}")));
         }

@@ -16,6 +16,7 @@ use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
 use crate::backend::{BlockBackend, BlockDevice};
+use crate::sandbox::{self, ThreadKind};
 
 pub enum Socket {
     Path(PathBuf),
@@ -34,8 +35,13 @@ fn listener_from_fd(fd: RawFd) -> std::io::Result<UnixListener> {
     Ok(listener)
 }
 
-/// Serves `device` until SIGTERM or SIGINT; the caller then closes the image.
-pub fn serve(device: Arc<BlockDevice>, socket: Socket) -> Result<(), String> {
+/// Serves `device` until SIGTERM or SIGINT; the caller then closes the image. The process
+/// enters its sandbox once the socket listens, before the first connection.
+pub fn serve(
+    device: Arc<BlockDevice>,
+    socket: Socket,
+    sandbox: &sandbox::Config,
+) -> Result<(), String> {
     let std_listener = match &socket {
         Socket::Path(p) => {
             // std binds and listens in one call, so the socket file exists only a moment
@@ -52,6 +58,7 @@ pub fn serve(device: Arc<BlockDevice>, socket: Socket) -> Result<(), String> {
             .ok()
             .and_then(|a| a.as_pathname().map(|p| p.to_path_buf())),
     };
+    sandbox::enter(sandbox, wake_path.as_deref())?;
     let mut listener = Listener::from(std_listener);
 
     // Signals are taken by one thread with sigwait; every other thread has them blocked.
@@ -69,6 +76,7 @@ pub fn serve(device: Arc<BlockDevice>, socket: Socket) -> Result<(), String> {
         std::thread::Builder::new()
             .name("signals".into())
             .spawn(move || {
+                ThreadKind::Signals.confine();
                 if let Ok(sig) = signals.wait() {
                     info!("{sig:?}: finishing the requests in flight and closing the image");
                 }

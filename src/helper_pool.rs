@@ -161,6 +161,9 @@ fn helper_loop(shared: &Shared) {
                     .unwrap_or_else(PoisonError::into_inner);
             }
         };
+        // Helpers start before the sandbox is entered: each confines itself before its
+        // first piece of work (a no-op after that).
+        crate::sandbox::ThreadKind::Helper.confine();
         job.work();
     }
 }

@@ -7,5 +7,6 @@ pub mod daemon;
 pub mod guest_io;
 pub mod helper_pool;
 pub mod requests;
+pub mod sandbox;
 pub mod vhdx;
 pub mod virtio_blk;

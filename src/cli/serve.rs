@@ -12,6 +12,7 @@ use crate::backend::{
     default_helper_threads, BlockDevice, DeviceOptions, DEFAULT_NUM_QUEUES, DEFAULT_QUEUE_SIZE,
 };
 use crate::daemon::{self, Socket};
+use crate::sandbox::{self, SeccompMode};
 use crate::vhdx::Chain;
 
 #[derive(clap::Args, Debug)]
@@ -44,6 +45,18 @@ pub struct ServeArgs {
     /// 0: each queue is served by its own thread alone).
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(0..=256))]
     pub helper_threads: Option<u16>,
+    /// Confine the process once its files are open (see README "Sandbox"); off only to debug.
+    #[arg(long, value_enum, default_value_t = OnOff::On)]
+    pub sandbox: OnOff,
+    /// What a system call outside the sandbox's allowlists does.
+    #[arg(long, value_enum, default_value_t = SeccompMode::Kill)]
+    pub seccomp: SeccompMode,
+    /// When started as root: run as this user (name or uid) once the files are open.
+    #[arg(long, value_name = "USER")]
+    pub user: Option<String>,
+    /// With --user: run as this group (name or gid; default: the user's group).
+    #[arg(long, value_name = "GROUP")]
+    pub group: Option<String>,
     #[command(flatten)]
     pub chain: ChainArgs,
     /// The image (the conventions' `--blk-file` is accepted too).
@@ -51,6 +64,12 @@ pub struct ServeArgs {
     pub image: Option<PathBuf>,
     #[arg(long, value_name = "PATH", hide = true, conflicts_with = "image")]
     pub blk_file: Option<PathBuf>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum OnOff {
+    On,
+    Off,
 }
 
 const CAPABILITIES: &str = r#"{
@@ -82,6 +101,12 @@ pub fn run(args: ServeArgs) -> CliResult<ExitCode> {
         (Some(p), _) => Socket::Path(p.clone()),
         (None, Some(fd)) => Socket::Fd(fd),
         (None, None) => return Err("--socket-path or --fd is needed".into()),
+    };
+    let sandbox = sandbox::Config {
+        enabled: args.sandbox == OnOff::On,
+        seccomp: args.seccomp,
+        credentials: sandbox::privileges::resolve(args.user.as_deref(), args.group.as_deref())?,
+        num_queues: args.num_queues,
     };
     // The whole chain is opened (and locked) before serving: nothing is opened later, so a
     // sandbox can be put in place after this point.
@@ -118,7 +143,7 @@ pub fn run(args: ServeArgs) -> CliResult<ExitCode> {
         args.num_queues,
         if args.read_only { ", read-only" } else { "" }
     );
-    let served = daemon::serve(device, socket);
+    let served = daemon::serve(device, socket, &sandbox);
     // Queue threads drop their references as they exit; wait for them, then close cleanly.
     let mut chain = chain;
     for _ in 0..500 {

@@ -1,0 +1,207 @@
+//! The sandbox `serve` enters once the chain is open and locked and the socket is listening,
+//! before it reads the first vhost-user message: a guest or an image that takes over the process
+//! gets that one disk and nothing more.
+//!
+//! [`enter`] does, in order:
+//! 1. resource limits (no core files, open files bounded);
+//! 2. privileges ([`privileges`]): `--user/--group` when root, no capabilities, no_new_privs,
+//!    not dumpable;
+//! 3. Landlock ([`landlock`]): no path access at all, abstract sockets and signals scoped;
+//! 4. seccomp ([`seccomp`]): the errno filters and the base allowlist on every thread (TSYNC),
+//!    with a SIGSYS handler that names a forbidden call before the process stops.
+//!
+//! Each thread then narrows itself to the allowlist of its kind with
+//! [`ThreadKind::confine`], at its start or, for threads that a library starts or that existed
+//! before entry, on its first piece of work. The main thread (the supervisor, which starts the
+//! per-connection threads) and the WAL worker (src/vhdx/ knows nothing of the sandbox) stay
+//! under the base filter.
+
+mod landlock;
+pub mod privileges;
+mod seccomp;
+#[cfg(target_arch = "x86_64")]
+mod syscall_names;
+
+use std::cell::Cell;
+use std::collections::HashSet;
+use std::path::Path;
+use std::sync::OnceLock;
+
+use log::{info, warn};
+use seccompiler::BpfProgram;
+
+pub use privileges::Credentials;
+
+/// `--seccomp`: what a system call outside the allowlists does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum SeccompMode {
+    /// Log the call's name on stderr and stop the process (SIGSYS).
+    #[default]
+    Kill,
+    /// Let the call through; the kernel logs it to the audit log (to find a missing call).
+    Log,
+    /// No seccomp filter.
+    Off,
+}
+
+/// What `serve` asks of the sandbox.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// `--sandbox on|off`.
+    pub enabled: bool,
+    pub seccomp: SeccompMode,
+    /// `--user/--group`, resolved.
+    pub credentials: Option<Credentials>,
+    /// Queues offered (bounds the open files).
+    pub num_queues: u16,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            enabled: true,
+            seccomp: SeccompMode::Kill,
+            credentials: None,
+            num_queues: 1,
+        }
+    }
+}
+
+/// A kind of thread, each with its own seccomp allowlist (see `seccomp.rs`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ThreadKind {
+    /// The main thread: accepts VMMs, starts and joins the per-connection threads, closes the
+    /// image. Never narrowed: the threads it starts inherit its filters.
+    Supervisor,
+    /// The vhost-user connection's message thread.
+    Control,
+    /// A queue's worker thread.
+    Queue,
+    /// A helper thread sharing a queue's large reads.
+    Helper,
+    /// The thread that waits for SIGTERM/SIGINT.
+    Signals,
+    /// The WAL worker (listed for the base filter; it does not confine itself).
+    Wal,
+}
+
+impl ThreadKind {
+    pub const ALL: [ThreadKind; 6] = [
+        ThreadKind::Supervisor,
+        ThreadKind::Control,
+        ThreadKind::Queue,
+        ThreadKind::Helper,
+        ThreadKind::Signals,
+        ThreadKind::Wal,
+    ];
+
+    /// Narrows the calling thread to this kind's allowlist, once; a no-op before [`enter`],
+    /// with the sandbox off, or when this thread is already confined. Cheap enough to call at
+    /// the start of each piece of work (a thread-local flag). A thread that existed before
+    /// entry also joins the Landlock domain and drops its capabilities here.
+    pub fn confine(self) {
+        if CONFINED.with(Cell::get) {
+            return;
+        }
+        let Some(state) = STATE.get() else {
+            return;
+        };
+        CONFINED.with(|c| c.set(true));
+        // SAFETY: gettid has no arguments.
+        let tid = unsafe { nix::libc::syscall(nix::libc::SYS_gettid) } as i32;
+        if state.threads_at_entry.contains(&tid) {
+            if state.landlock_per_thread {
+                if let Err(e) = landlock::restrict_thread() {
+                    warn!("{self:?} thread: {e}");
+                }
+            }
+            if let Err(e) = privileges::drop_capabilities() {
+                warn!("{self:?} thread: dropping capabilities: {e}");
+            }
+        }
+        if let Some(programs) = &state.programs {
+            // A call refused while SIGSYS is blocked stops the process without a word: let
+            // the handler run in threads that block every signal (the helpers).
+            let mut sigsys = nix::sys::signal::SigSet::empty();
+            sigsys.add(nix::sys::signal::Signal::SIGSYS);
+            let _ = sigsys.thread_unblock();
+            if let Err(e) = seccomp::install_thread(&programs[self as usize]) {
+                warn!("{self:?} thread: {e}");
+            }
+        }
+    }
+}
+
+/// What [`ThreadKind::confine`] needs, set once by [`enter`].
+struct State {
+    /// One narrowing program per kind (None: seccomp off).
+    programs: Option<Vec<BpfProgram>>,
+    /// Landlock covers only the entering thread and its children (before ABI 8).
+    landlock_per_thread: bool,
+    /// Threads that existed at entry: they join the domain and drop capabilities themselves.
+    threads_at_entry: HashSet<i32>,
+}
+
+static STATE: OnceLock<State> = OnceLock::new();
+
+thread_local! {
+    static CONFINED: Cell<bool> = const { Cell::new(false) };
+}
+
+/// The threads of this process, from /proc/self/task (before Landlock).
+fn threads() -> HashSet<i32> {
+    std::fs::read_dir("/proc/self/task")
+        .map(|d| {
+            d.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Enters the sandbox; `socket` is the listening socket's path, if it has one. Called once,
+/// from the thread that will supervise (the main thread), after every file is open. An error
+/// means the process could not be confined as asked and must not serve.
+pub fn enter(config: &Config, socket: Option<&Path>) -> Result<(), String> {
+    if !config.enabled {
+        warn!("sandbox off (--sandbox off): the process keeps every right of its user");
+        return Ok(());
+    }
+    let threads_at_entry = threads();
+    let files = privileges::file_limit(privileges::open_files(), u64::from(config.num_queues));
+    // Compiled before anything is restricted.
+    let programs = seccomp::programs(config.seccomp)?;
+
+    privileges::limit_resources(files).map_err(|e| format!("resource limits: {e}"))?;
+    let privileges = privileges::drop_privileges(config.credentials)?;
+    let landlock = landlock::restrict(socket)?;
+    if landlock.enforced {
+        info!("{}", landlock.summary);
+    } else {
+        warn!("{}", landlock.summary);
+    }
+    if let Some(p) = &programs {
+        if config.seccomp == SeccompMode::Kill {
+            seccomp::install_sigsys_handler()?;
+        }
+        seccomp::install_process(p)?;
+    }
+    let seccomp = match config.seccomp {
+        SeccompMode::Kill => "seccomp: a call outside the allowlists stops the process",
+        SeccompMode::Log => {
+            "seccomp --log: calls outside the allowlists are let through and \
+                             audit-logged"
+        }
+        SeccompMode::Off => "seccomp off",
+    };
+    if config.seccomp == SeccompMode::Kill {
+        info!("sandbox: {privileges}; at most {files} open files, no core files; {seccomp}");
+    } else {
+        warn!("sandbox: {privileges}; at most {files} open files, no core files; {seccomp}");
+    }
+    let _ = STATE.set(State {
+        programs: programs.map(|p| p.kinds),
+        landlock_per_thread: landlock.enforced && !landlock.all_threads,
+        threads_at_entry,
+    });
+    Ok(())
+}
