@@ -179,6 +179,8 @@ const EVENTS_LEGACY: Table = &[(libc::SYS_epoll_wait, Args::Any)];
 #[cfg(not(target_arch = "x86_64"))]
 const EVENTS_LEGACY: Table = &[];
 
+// The request type is c_ulong on some targets and c_int on others.
+#[allow(clippy::unnecessary_cast)]
 const IOCTLS: &[u64] = &[
     libc::FIONBIO as u64, // set_nonblocking on sockets
     libc::FIOCLEX as u64,
