@@ -58,6 +58,10 @@ pub fn serve(
             .ok()
             .and_then(|a| a.as_pathname().map(|p| p.to_path_buf())),
     };
+    // Kept to end a waiting accept when a wake-up connection cannot be made (below).
+    let wake_listener = std_listener
+        .try_clone()
+        .map_err(|e| format!("listening socket: {e}"))?;
     sandbox::enter(sandbox, wake_path.as_deref())?;
     let mut listener = Listener::from(std_listener);
 
@@ -84,9 +88,17 @@ pub fn serve(
                 if let Some(h) = current.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
                     h.shutdown();
                 }
-                // Unblock an accept() waiting for the next VMM.
-                if let Some(p) = wake_path {
-                    let _ = UnixStream::connect(p);
+                // Unblock an accept() waiting for the next VMM: connect to it. When this
+                // process may not (a socket made by root or systemd, mode 0660, and the
+                // process has become another user; an abstract socket), shut the listener
+                // down instead: the accept fails at once. A socket shared with systemd then
+                // stops accepting, so its unit is stopped and started with the service.
+                let woken = wake_path.is_some_and(|p| UnixStream::connect(p).is_ok());
+                if !woken {
+                    let _ = nix::sys::socket::shutdown(
+                        wake_listener.as_raw_fd(),
+                        nix::sys::socket::Shutdown::Read,
+                    );
                 }
             })
             .map_err(|e| format!("starting the signal thread: {e}"))?;

@@ -327,7 +327,7 @@ impl Drop for Served {
     }
 }
 
-fn serve() -> Served {
+fn serve(extra: &[&str]) -> Served {
     let dir = common::tempdir("sandbox-serve");
     let image = dir.path().join("disk.vhdx");
     let socket = dir.path().join("vhost.sock");
@@ -336,14 +336,9 @@ fn serve() -> Served {
     let log_file = File::create(&log).unwrap();
     let mut command = Command::new(common::bin());
     command
-        .args([
-            "serve",
-            "--num-queues",
-            "2",
-            "--socket-path",
-            s(&socket),
-            s(&image),
-        ])
+        .args(["serve", "--num-queues", "2", "--socket-path", s(&socket)])
+        .args(extra)
+        .arg(&image)
         .env("RUST_LOG", "info")
         .stdin(Stdio::null())
         .stdout(log_file.try_clone().unwrap())
@@ -443,7 +438,7 @@ fn status_field(status: &str, field: &str) -> Option<String> {
 
 #[test]
 fn every_thread_of_a_running_serve_is_confined_and_only_its_files_are_open() {
-    let mut served = serve();
+    let mut served = serve(&[]);
     let (client, queues) = connect(served.image.parent().unwrap());
     let pid = served.child.id();
     let mut threads = 0;
@@ -533,6 +528,62 @@ fn every_thread_of_a_running_serve_is_confined_and_only_its_files_are_open() {
     common::ours_ok(&["check", s(&served.image)]);
 }
 
+#[test]
+fn as_root_user_switches_every_thread_to_the_user_and_keeps_serving() {
+    if !nix::unistd::Uid::effective().is_root() {
+        panic!("this test starts serve as root with --user and needs root");
+    }
+    let mut served = serve(&["--user", "65534", "--group", "65534"]);
+    let (client, queues) = connect(served.image.parent().unwrap());
+    let pid = served.child.id();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let status = std::fs::read_to_string(task.unwrap().path().join("status")).unwrap();
+        assert_eq!(
+            status_field(&status, "Uid").as_deref(),
+            Some("65534\t65534\t65534\t65534"),
+            "{status}\n{}",
+            std::fs::read_to_string(&served.log).unwrap_or_default()
+        );
+        assert_eq!(
+            status_field(&status, "Gid").as_deref(),
+            Some("65534\t65534\t65534\t65534")
+        );
+        assert_eq!(status_field(&status, "Groups").as_deref(), Some("65534"));
+        for set in ["CapEff", "CapPrm", "CapInh", "CapAmb"] {
+            assert_eq!(
+                status_field(&status, set).as_deref(),
+                Some("0000000000000000"),
+                "{set}: {status}"
+            );
+        }
+    }
+    drop(queues);
+    drop(client);
+    nix::sys::signal::kill(Pid::from_raw(pid as i32), Signal::SIGTERM).unwrap();
+    let status = common::wait_or_kill(&mut served.child, Duration::from_secs(20))
+        .expect("serve did not stop after SIGTERM");
+    let log = std::fs::read_to_string(&served.log).unwrap();
+    assert!(status.success(), "{status}: {log}");
+    assert!(log.contains("uid 65534 gid 65534"), "{log}");
+    common::ours_ok(&["check", s(&served.image)]);
+}
+
+#[test]
+fn bad_user_is_a_one_line_usage_error_before_anything_is_opened() {
+    let out = common::ours(&[
+        "serve",
+        "--socket-path",
+        "/nonexistent/s",
+        "--user",
+        "no-such-user-here",
+        "/nonexistent/x.vhdx",
+    ]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.contains("--user no-such-user-here"), "{err}");
+}
+
 /// Makes the stopped thread `tid` (inside a system call) call `nr(args)` when it resumes.
 fn inject_syscall(tid: i32, nr: i64, args: [u64; 3]) -> Result<(), String> {
     let pid = Pid::from_raw(tid);
@@ -579,7 +630,7 @@ fn a_forbidden_call_stops_serve_with_a_log_line_naming_it() {
         // serve is not dumpable: only CAP_SYS_PTRACE can inject the call.
         panic!("this test injects a system call with ptrace and needs root (CAP_SYS_PTRACE)");
     }
-    let mut served = serve();
+    let mut served = serve(&[]);
     let pid = served.child.id() as i32;
     // The main thread waits in accept4 for a VMM; make it call socket(AF_INET, SOCK_STREAM).
     std::thread::sleep(Duration::from_millis(200));
