@@ -650,3 +650,54 @@ fn a_forbidden_call_stops_serve_with_a_log_line_naming_it() {
         "{log}"
     );
 }
+
+#[test]
+#[cfg(target_arch = "x86_64")]
+fn with_seccomp_log_a_forbidden_call_is_let_through() {
+    if !nix::unistd::Uid::effective().is_root() {
+        panic!("this test injects a system call with ptrace and needs root (CAP_SYS_PTRACE)");
+    }
+    let mut served = serve(&["--seccomp", "log"]);
+    let pid = served.child.id() as i32;
+    std::thread::sleep(Duration::from_millis(200));
+    inject_syscall(
+        pid,
+        libc::SYS_socket,
+        [libc::AF_INET as u64, libc::SOCK_STREAM as u64, 0],
+    )
+    .unwrap();
+    // The call is let through (the kernel audit-logs it): serve goes on serving.
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(
+        served.child.try_wait().unwrap().is_none(),
+        "serve stopped in --seccomp log: {}",
+        std::fs::read_to_string(&served.log).unwrap_or_default()
+    );
+    let (client, queues) = connect(served.image.parent().unwrap());
+    drop(queues);
+    drop(client);
+    nix::sys::signal::kill(Pid::from_raw(pid), Signal::SIGTERM).unwrap();
+    let status = common::wait_or_kill(&mut served.child, Duration::from_secs(20))
+        .expect("serve did not stop after SIGTERM");
+    let log = std::fs::read_to_string(&served.log).unwrap();
+    assert!(status.success(), "{status}: {log}");
+    assert!(!log.contains("forbidden system call"), "{log}");
+    assert!(log.contains("seccomp --log"), "{log}");
+}
+
+#[test]
+fn sandbox_off_installs_nothing_and_says_so() {
+    let mut served = serve(&["--sandbox", "off"]);
+    let (client, queues) = connect(served.image.parent().unwrap());
+    let pid = served.child.id();
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    assert_eq!(status_field(&status, "Seccomp").as_deref(), Some("0"));
+    drop(queues);
+    drop(client);
+    nix::sys::signal::kill(Pid::from_raw(pid as i32), Signal::SIGTERM).unwrap();
+    let status = common::wait_or_kill(&mut served.child, Duration::from_secs(20))
+        .expect("serve did not stop after SIGTERM");
+    let log = std::fs::read_to_string(&served.log).unwrap();
+    assert!(status.success(), "{status}: {log}");
+    assert!(log.contains("sandbox off"), "{log}");
+}

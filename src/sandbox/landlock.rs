@@ -11,8 +11,8 @@
 //! ABI 6, Linux 6.12, enforces all of this; without Landlock nothing is enforced and seccomp is
 //! the only wall).
 //! Before ABI 8 (Linux 7.0) a domain covers only the calling thread and the threads it starts
-//! later; threads that already exist confine themselves ([`super::ThreadKind::confine`]), all
-//! but the WAL worker, which stays under seccomp alone.
+//! later; threads that already exist (the helpers) join it themselves
+//! ([`super::ThreadKind::confine`]) before their first piece of work.
 
 use std::path::Path;
 

@@ -13,8 +13,10 @@
 //! Each thread then narrows itself to the allowlist of its kind with
 //! [`ThreadKind::confine`], at its start or, for threads that a library starts or that existed
 //! before entry, on its first piece of work. The main thread (the supervisor, which starts the
-//! per-connection threads) and the WAL worker (src/vhdx/ knows nothing of the sandbox) stay
-//! under the base filter.
+//! per-connection threads) stays under the base filter. The WAL worker (src/vhdx/ knows nothing
+//! of the sandbox) starts at the first write, from the thread that makes it, and inherits that
+//! thread's confinement (a queue thread's, in practice); its needs are listed in the tables so
+//! that it works under any of them.
 
 mod landlock;
 pub mod privileges;
@@ -81,7 +83,8 @@ pub enum ThreadKind {
     Helper,
     /// The thread that waits for SIGTERM/SIGINT.
     Signals,
-    /// The WAL worker (listed for the base filter; it does not confine itself).
+    /// The WAL worker (listed for the base filter; it does not confine itself, and inherits
+    /// the confinement of the thread that starts it).
     Wal,
 }
 
