@@ -278,44 +278,37 @@ fn arch() -> Result<TargetArch, String> {
         .map_err(|e| format!("seccomp: {e:?}"))
 }
 
-fn rule(args: Args) -> Result<Option<SeccompRule>, String> {
-    let dword = |arg: u8, op: SeccompCmpOp, value: u64| {
+/// The alternatives (any one will do) that `args` allows; None: the call needs no condition.
+fn alternatives(args: Args) -> Result<Option<Vec<SeccompRule>>, String> {
+    let one = |arg: u8, op: SeccompCmpOp, value: u64| {
         SeccompCondition::new(arg, SeccompCmpArgLen::Dword, op, value)
+            .and_then(|c| SeccompRule::new(vec![c]))
             .map_err(|e| format!("seccomp: {e}"))
     };
-    let conditions = match args {
+    Ok(Some(match args {
         Args::Any => return Ok(None),
-        Args::In(..) => unreachable!("expanded by the caller"),
-        Args::Not(arg, v) => vec![dword(arg, SeccompCmpOp::Ne, v)?],
-        Args::Masked(arg, mask, v) => vec![dword(arg, SeccompCmpOp::MaskedEq(mask), v)?],
-    };
-    SeccompRule::new(conditions)
-        .map(Some)
-        .map_err(|e| format!("seccomp: {e}"))
+        Args::In(arg, values) => values
+            .iter()
+            .map(|&v| one(arg, SeccompCmpOp::Eq, v))
+            .collect::<Result<_, _>>()?,
+        Args::Not(arg, v) => vec![one(arg, SeccompCmpOp::Ne, v)?],
+        Args::Masked(arg, mask, v) => vec![one(arg, SeccompCmpOp::MaskedEq(mask), v)?],
+    }))
 }
 
-/// The union of `tables` as seccompiler rules: a call allowed without condition anywhere is
-/// allowed without condition; otherwise any of its conditions will do.
+/// The union of `tables` as seccompiler rules (an empty list: no condition): a call allowed
+/// without condition anywhere is allowed without condition; otherwise any of its alternatives
+/// will do.
 fn union(tables: &[Table]) -> Result<BTreeMap<i64, Vec<SeccompRule>>, String> {
     let mut any = std::collections::BTreeSet::new();
     let mut rules: BTreeMap<i64, Vec<SeccompRule>> = BTreeMap::new();
     for &(nr, args) in tables.iter().flat_map(|t| t.iter()) {
-        let expanded: Vec<Args> = match args {
-            Args::In(arg, values) => values
-                .iter()
-                .map(|&v| Args::Masked(arg, u64::from(u32::MAX), v))
-                .collect(),
-            other => vec![other],
-        };
-        for a in expanded {
-            match rule(a)? {
-                None => {
-                    any.insert(nr);
-                }
-                Some(r) => rules.entry(nr).or_default().push(r),
+        match alternatives(args)? {
+            None => {
+                any.insert(nr);
             }
+            Some(alts) => rules.entry(nr).or_default().extend(alts),
         }
-        rules.entry(nr).or_default();
     }
     for nr in any {
         rules.insert(nr, Vec::new());
@@ -544,6 +537,21 @@ mod tests {
         ] {
             assert!(!base.contains_key(&nr), "{nr} is allowed");
         }
+    }
+
+    #[test]
+    fn union_keeps_conditions_unless_a_table_allows_the_call_outright() {
+        const A: Table = &[(1, Args::In(0, &[1, 2])), (2, Args::Not(0, 3))];
+        const B: Table = &[
+            (2, Args::Any),
+            (3, Args::Masked(2, 4, 0)),
+            (1, Args::In(0, &[7])),
+        ];
+        let u = union(&[A, B]).unwrap();
+        assert_eq!(u.len(), 3);
+        assert_eq!(u[&1].len(), 3, "alternatives of both tables");
+        assert!(u[&2].is_empty(), "no condition wins");
+        assert_eq!(u[&3].len(), 1);
     }
 
     #[test]
