@@ -280,6 +280,33 @@ fn cannot_signal_another_process() {
 }
 
 #[test]
+fn logging_to_a_terminal_still_works() {
+    // env_logger checks isatty(stderr) (ioctl TCGETS) for each line it writes.
+    let (mut master, mut slave) = (0, 0);
+    // SAFETY: openpty fills two descriptors; the other arguments may be null.
+    let r = unsafe {
+        libc::openpty(
+            &mut master,
+            &mut slave,
+            std::ptr::null_mut(),
+            std::ptr::null(),
+            std::ptr::null(),
+        )
+    };
+    assert_eq!(r, 0, "openpty: {}", std::io::Error::last_os_error());
+    // SAFETY: both were just opened and are owned here.
+    let (_master, slave) = unsafe { (OwnedFd::from_raw_fd(master), OwnedFd::from_raw_fd(slave)) };
+    in_sandbox(&full(), || {
+        // SAFETY: an open descriptor.
+        match unsafe { libc::isatty(slave.as_raw_fd()) } {
+            1 => 0,
+            _ => errno(),
+        }
+    })
+    .assert_errno(0, "isatty on a terminal");
+}
+
+#[test]
 fn files_open_before_entry_and_threads_still_work() {
     let dir = common::tempdir("sandbox-open");
     let path = dir.path().join("open");

@@ -118,6 +118,8 @@ const RUNTIME: Table = &[
         Args::In(2, &[libc::SIGABRT as u64, libc::SIGSYS as u64]),
     ),
     (libc::SYS_prctl, Args::In(0, PRCTL_OPS)),
+    // env_logger asks whether stderr is a terminal (isatty) at each line it writes.
+    (libc::SYS_ioctl, Args::In(1, &[libc::TCGETS as u64])),
     // Allowed here, answered with EACCES by the errno filter (see the module doc).
     (libc::SYS_openat, Args::Any),
     (libc::SYS_openat2, Args::Any),
