@@ -79,6 +79,10 @@ const PRCTL_OPS: &[u64] = &[
     libc::PR_GET_NO_NEW_PRIVS as u64,
 ];
 
+// The request type is c_ulong on some targets and c_int on others.
+#[allow(clippy::unnecessary_cast)]
+const TERMINAL_IOCTLS: &[u64] = &[libc::TCGETS as u64];
+
 /// Every thread: the Rust runtime, glibc (malloc, thread start and exit), logging to stderr,
 /// eventfd reads and writes, and the calls that fail with an errno (see the module doc).
 const RUNTIME: Table = &[
@@ -119,7 +123,7 @@ const RUNTIME: Table = &[
     ),
     (libc::SYS_prctl, Args::In(0, PRCTL_OPS)),
     // env_logger asks whether stderr is a terminal (isatty) at each line it writes.
-    (libc::SYS_ioctl, Args::In(1, &[libc::TCGETS as u64])),
+    (libc::SYS_ioctl, Args::In(1, TERMINAL_IOCTLS)),
     // Allowed here, answered with EACCES by the errno filter (see the module doc).
     (libc::SYS_openat, Args::Any),
     (libc::SYS_openat2, Args::Any),
