@@ -728,3 +728,60 @@ fn sandbox_off_installs_nothing_and_says_so() {
     assert!(status.success(), "{status}: {log}");
     assert!(log.contains("sandbox off"), "{log}");
 }
+
+#[test]
+fn serves_on_an_inherited_socket_fd_and_stops_cleanly() {
+    let dir = common::tempdir("sandbox-fd");
+    let image = dir.path().join("disk.vhdx");
+    let socket = dir.path().join("vhost.sock");
+    let log = dir.path().join("serve.log");
+    common::ours_ok(&["create", "-f", "vhdx", s(&image), "64M"]);
+    // What systemd or libvirt would hand over: a listening socket as fd 3.
+    let listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+    let fd = listener.as_raw_fd();
+    let log_file = File::create(&log).unwrap();
+    let mut command = Command::new(common::bin());
+    command
+        .args(["serve", "--num-queues", "2", "--fd", "3", s(&image)])
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(log_file.try_clone().unwrap())
+        .stderr(log_file);
+    // SAFETY: dup2 and close_range are async-signal-safe.
+    unsafe {
+        command.pre_exec(move || {
+            // dup2 onto itself would keep O_CLOEXEC: clear it in every case.
+            if libc::dup2(fd, 3) != 3 || libc::fcntl(3, libc::F_SETFD, 0) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            libc::close_range(4, u32::MAX, 0);
+            Ok(())
+        });
+    }
+    let child = command.spawn().unwrap();
+    drop(listener);
+    let mut served = Served {
+        child,
+        log,
+        image,
+        _dir: dir,
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    if let Some(status) = served.child.try_wait().unwrap() {
+        panic!(
+            "{status}: {}",
+            std::fs::read_to_string(&served.log).unwrap()
+        );
+    }
+    let (client, queues) = connect(served.image.parent().unwrap());
+    drop(queues);
+    drop(client);
+    let pid = served.child.id() as i32;
+    nix::sys::signal::kill(Pid::from_raw(pid), Signal::SIGTERM).unwrap();
+    let status = common::wait_or_kill(&mut served.child, Duration::from_secs(20))
+        .expect("serve did not stop after SIGTERM");
+    let log = std::fs::read_to_string(&served.log).unwrap();
+    assert!(status.success(), "{status}: {log}");
+    assert!(log.contains("Landlock"), "{log}");
+    common::ours_ok(&["check", s(&served.image)]);
+}
