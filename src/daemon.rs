@@ -6,7 +6,14 @@
 //! The listener and the connection are waited on in epoll together with a stop eventfd that the
 //! signal thread sets, so a stop is seen at once whatever the socket is (a path, an abstract or
 //! unnamed socket handed over with `--fd`); a connection stuck in the middle of a message is shut
-//! down from the signal thread.
+//! down from the signal thread. No wake-up connection to our own socket is needed, which matters
+//! in the sandbox: the process may not connect to it (another user after `--user`, a socket
+//! made by systemd, Landlock).
+//!
+//! [`listen`] binds (or adopts) the listening socket before the caller enters the sandbox
+//! (`crate::sandbox::enter`); [`serve`] runs inside it. The thread that calls [`serve`] is the
+//! vhost-user control thread: it accepts, handles each connection's messages and starts and joins
+//! that connection's queue threads, and confines itself as such once the signal thread is started.
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -22,6 +29,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::backend::BlockDevice;
 use crate::handler::BlkHandler;
+use crate::sandbox::ThreadKind;
 
 pub enum Socket {
     Path(PathBuf),
@@ -77,9 +85,9 @@ impl Waiter {
     }
 }
 
-/// Serves `device` until SIGTERM or SIGINT; the caller then closes the image.
-pub fn serve(device: Arc<BlockDevice>, socket: Socket) -> Result<(), String> {
-    let listener = match &socket {
+/// Binds `socket` (or adopts the inherited listening fd), ready for [`serve`].
+pub fn listen(socket: &Socket) -> Result<UnixListener, String> {
+    let listener = match socket {
         Socket::Path(p) => {
             // std binds and listens in one call, so the socket file exists only a moment
             // before it accepts (QEMU retries a refused connect when told to reconnect).
@@ -91,7 +99,16 @@ pub fn serve(device: Arc<BlockDevice>, socket: Socket) -> Result<(), String> {
     listener
         .set_nonblocking(true)
         .map_err(|e| format!("listening socket: {e}"))?;
+    Ok(listener)
+}
 
+/// Serves `device` on `listener` until SIGTERM or SIGINT; the caller then closes the image.
+/// Runs inside the sandbox, if there is one: the calling thread becomes the control thread.
+pub fn serve(
+    device: Arc<BlockDevice>,
+    listener: UnixListener,
+    socket: &Socket,
+) -> Result<(), String> {
     // Signals are taken by one thread with sigwait; every other thread has them blocked.
     let mut signals = SigSet::empty();
     signals.add(Signal::SIGTERM);
@@ -108,6 +125,7 @@ pub fn serve(device: Arc<BlockDevice>, socket: Socket) -> Result<(), String> {
         std::thread::Builder::new()
             .name("signals".into())
             .spawn(move || {
+                ThreadKind::Signals.confine();
                 if let Ok(sig) = signals.wait() {
                     info!("{sig:?}: finishing the requests in flight and closing the image");
                 }
@@ -120,6 +138,9 @@ pub fn serve(device: Arc<BlockDevice>, socket: Socket) -> Result<(), String> {
     }
 
     let waiter = Waiter::new(&stop, listener.as_raw_fd()).map_err(|e| format!("epoll: {e}"))?;
+    // From here this thread accepts and handles messages; the queue threads it starts inherit
+    // this narrowing and narrow themselves further.
+    ThreadKind::Control.confine();
     info!("waiting for a VMM on {}", listener.as_raw_fd());
     loop {
         match waiter.wait() {
@@ -147,7 +168,9 @@ pub fn serve(device: Arc<BlockDevice>, socket: Socket) -> Result<(), String> {
         }
         info!("waiting for a VMM on {}", listener.as_raw_fd());
     }
-    if let Socket::Path(p) = &socket {
+    if let Socket::Path(p) = socket {
+        // Refused inside the sandbox (EACCES: no path access): the socket file stays, and the
+        // next start replaces it.
         let _ = std::fs::remove_file(p);
     }
     Ok(())

@@ -45,14 +45,16 @@ struct Listed {
 static LISTED: Mutex<Vec<Listed>> = Mutex::new(Vec::new());
 
 /// Blocks every signal on the calling thread except the synchronous fault signals: SIGBUS must
-/// reach the handler here (a blocked SIGBUS from a fault kills the process), and the others
-/// could not be blocked anyway. Worker threads call this; SIGTERM and SIGINT are for the
+/// reach the handler here (a blocked SIGBUS from a fault kills the process), SIGSYS must reach
+/// the sandbox's handler that names a forbidden call, and the others could not be blocked
+/// anyway. Worker threads call this; SIGTERM and SIGINT are for the
 /// daemon's signal thread.
 pub fn block_async_signals() {
     use nix::sys::signal::{SigSet, Signal};
     let mut set = SigSet::all();
     for s in [
         Signal::SIGBUS,
+        Signal::SIGSYS,
         Signal::SIGSEGV,
         Signal::SIGILL,
         Signal::SIGFPE,

@@ -91,6 +91,7 @@ impl BlkHandler {
                 .name(format!("queue-{i}"))
                 .spawn(move || {
                     crate::guest_memory::block_async_signals();
+                    crate::sandbox::ThreadKind::Queue.confine();
                     if let Err(e) = run_queue_thread(&queue, |q| dev.process_queue(q)) {
                         warn!("queue {i}: its thread ended: {e}");
                     }

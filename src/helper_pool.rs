@@ -146,6 +146,8 @@ fn helper_loop(shared: &Shared) {
     // Signals are for the daemon's signal thread: a SIGTERM delivered here would end the
     // process before the image is closed.
     crate::guest_memory::block_async_signals();
+    // Helpers start after the sandbox is entered (src/cli/serve.rs).
+    crate::sandbox::ThreadKind::Helper.confine();
     loop {
         let job = {
             let mut jobs = lock(&shared.jobs);

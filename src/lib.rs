@@ -12,5 +12,6 @@ pub mod inflight;
 pub mod queue;
 pub mod requests;
 pub mod ring;
+pub mod sandbox;
 pub mod vhdx;
 pub mod virtio_blk;

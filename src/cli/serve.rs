@@ -12,6 +12,7 @@ use crate::backend::{
     default_helper_threads, BlockDevice, DeviceOptions, DEFAULT_NUM_QUEUES, DEFAULT_QUEUE_SIZE,
 };
 use crate::daemon::{self, Socket};
+use crate::sandbox::{self, SeccompMode};
 use crate::vhdx::Chain;
 
 #[derive(clap::Args, Debug)]
@@ -44,6 +45,18 @@ pub struct ServeArgs {
     /// 0: each queue is served by its own thread alone).
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(0..=256))]
     pub helper_threads: Option<u16>,
+    /// Confine the process once its files are open (see README "Sandbox"); off only to debug.
+    #[arg(long, value_enum, default_value_t = OnOff::On)]
+    pub sandbox: OnOff,
+    /// What a system call outside the sandbox's allowlists does.
+    #[arg(long, value_enum, default_value_t = SeccompMode::Kill)]
+    pub seccomp: SeccompMode,
+    /// When started as root: run as this user (name or uid) once the files are open.
+    #[arg(long, value_name = "USER")]
+    pub user: Option<String>,
+    /// With --user: run as this group (name or gid; default: the user's group).
+    #[arg(long, value_name = "GROUP")]
+    pub group: Option<String>,
     #[command(flatten)]
     pub chain: ChainArgs,
     /// The image (the conventions' `--blk-file` is accepted too).
@@ -51,6 +64,12 @@ pub struct ServeArgs {
     pub image: Option<PathBuf>,
     #[arg(long, value_name = "PATH", hide = true, conflicts_with = "image")]
     pub blk_file: Option<PathBuf>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum OnOff {
+    On,
+    Off,
 }
 
 const CAPABILITIES: &str = r#"{
@@ -83,6 +102,12 @@ pub fn run(args: ServeArgs) -> CliResult<ExitCode> {
         (None, Some(fd)) => Socket::Fd(fd),
         (None, None) => return Err("--socket-path or --fd is needed".into()),
     };
+    let sandbox = sandbox::Config {
+        enabled: args.sandbox == OnOff::On,
+        seccomp: args.seccomp,
+        credentials: sandbox::privileges::resolve(args.user.as_deref(), args.group.as_deref())?,
+        num_queues: args.num_queues,
+    };
     // The whole chain is opened (and locked) before serving: nothing is opened later, so a
     // sandbox can be put in place after this point.
     let chain = Chain::open(&image, &args.chain.options(!args.read_only))?;
@@ -98,19 +123,23 @@ pub fn run(args: ServeArgs) -> CliResult<ExitCode> {
             .collect()
     });
     let chain = Arc::new(chain);
-    let device = Arc::new(BlockDevice::new(
-        Arc::clone(&chain),
-        DeviceOptions {
-            read_only: args.read_only,
-            num_queues: usize::from(args.num_queues),
-            queue_size: args.queue_size,
-            serial,
-            writethrough: args.writethrough,
-            helper_threads: args
-                .helper_threads
-                .map_or_else(default_helper_threads, usize::from),
-        },
-    )?);
+    let options = DeviceOptions {
+        read_only: args.read_only,
+        num_queues: usize::from(args.num_queues),
+        queue_size: args.queue_size,
+        serial,
+        writethrough: args.writethrough,
+        // Counted before the sandbox: the cgroup's CPU quota is read from /sys.
+        helper_threads: args
+            .helper_threads
+            .map_or_else(default_helper_threads, usize::from),
+    };
+    let listener = daemon::listen(&socket)?;
+    // Every file is open and the socket listens: confine the process before it starts a
+    // thread (the helpers below, the signal and queue threads in `daemon::serve`) or reads a
+    // message.
+    sandbox::enter(&sandbox)?;
+    let device = Arc::new(BlockDevice::new(Arc::clone(&chain), options)?);
     log::info!(
         "serving {} ({} bytes, {} queues{})",
         image.display(),
@@ -118,7 +147,7 @@ pub fn run(args: ServeArgs) -> CliResult<ExitCode> {
         args.num_queues,
         if args.read_only { ", read-only" } else { "" }
     );
-    let served = daemon::serve(device, socket);
+    let served = daemon::serve(device, listener, &socket);
     // Queue threads drop their references as they exit; wait for them, then close cleanly.
     let mut chain = chain;
     for _ in 0..500 {
