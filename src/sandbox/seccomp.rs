@@ -541,6 +541,8 @@ mod tests {
             libc::SYS_ptrace,
             libc::SYS_fork,
             libc::SYS_vfork,
+            libc::SYS_socket,
+            libc::SYS_connect,
             libc::SYS_bind,
             libc::SYS_listen,
             libc::SYS_mount,
