@@ -778,8 +778,13 @@ impl RestartingBackend {
         )
     }
 
-    /// SIGTERM; exit status 0 within 60 s.
+    /// SIGTERM; exit status 0 within 60 s; no start was stopped by the sandbox.
     fn stop(mut self) {
+        let logs = self.logs();
+        assert!(
+            !logs.contains(common::FORBIDDEN_CALL),
+            "a start of the backend made a system call its sandbox forbids\n{logs}"
+        );
         let child = self.child.take().expect("running");
         let b = Backend {
             child: Some(child),

@@ -13,6 +13,9 @@ use nix::unistd::Pid;
 use super::frontend::{pattern, Frontend, Memory, Setup, MIB};
 use super::s;
 
+/// What the sandbox's SIGSYS handler writes before it stops `serve` (src/sandbox/seccomp.rs).
+pub const FORBIDDEN_CALL: &str = "seccomp: forbidden system call";
+
 /// The binary that runs `serve`: this build's, or `$VHDX_SERVE_BIN` (to judge another build,
 /// e.g. main's, with the same tests).
 pub fn serve_bin() -> PathBuf {
@@ -192,7 +195,18 @@ impl Drop for Serve {
             let _ = child.wait();
             if std::thread::panicking() {
                 eprintln!("{}", self.log_text());
+                return;
             }
+        }
+        // A serve stopped by its sandbox fails the test that ran it, even a test that did not
+        // notice (one that restarts the backend, or expects it to fail a request).
+        if !std::thread::panicking() {
+            let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+            assert!(
+                !log.contains(FORBIDDEN_CALL),
+                "serve made a system call its sandbox forbids\n{}",
+                self.log_text()
+            );
         }
     }
 }
