@@ -6,6 +6,7 @@ pub mod cli;
 pub mod daemon;
 pub mod guest_io;
 pub mod helper_pool;
+pub mod io;
 pub mod requests;
 pub mod vhdx;
 pub mod virtio_blk;

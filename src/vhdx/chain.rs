@@ -22,6 +22,8 @@ pub struct ChainOptions {
     pub parent_overrides: Vec<PathBuf>,
     /// Read without taking or honouring locks (qemu-img's `-U`); only for read-only opens.
     pub force_share: bool,
+    /// Open every file of the chain with O_DIRECT (`--cache none`).
+    pub direct: bool,
 }
 
 /// Where a run of the virtual disk is read from.
@@ -54,9 +56,9 @@ impl Chain {
     pub fn open(path: &Path, options: &ChainOptions) -> Result<Chain> {
         let open = |p: &Path, writable: bool| {
             if options.force_share && !writable {
-                VhdxFile::open_shared(p)
+                VhdxFile::open_shared(p, options.direct)
             } else {
-                VhdxFile::open(p, writable)
+                VhdxFile::open_with(p, writable, options.direct)
             }
             .map_err(|e| open_error(p, e))
         };
@@ -82,8 +84,8 @@ impl Chain {
             if seen.contains(&key) {
                 return Err(ChainError::Loop(parent_path).into());
             }
-            let parent =
-                VhdxFile::open(&parent_path, false).map_err(|e| open_error(&parent_path, e))?;
+            let parent = VhdxFile::open_with(&parent_path, false, options.direct)
+                .map_err(|e| open_error(&parent_path, e))?;
             check_parent(child, locator, &parent)?;
             seen.push(key);
             layers.push(parent);

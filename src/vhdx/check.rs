@@ -98,7 +98,7 @@ pub fn check(path: &Path, repair: Repair, parent_overrides: &[PathBuf]) -> Check
         let options = ChainOptions {
             writable: false,
             parent_overrides: parent_overrides.to_vec(),
-            force_share: false,
+            ..Default::default()
         };
         match Chain::open(path, &options) {
             Ok(chain) => {

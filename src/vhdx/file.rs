@@ -10,6 +10,7 @@ use uuid::Uuid;
 use super::bat::{Bat, Geometry, Occupied};
 use super::bitmap;
 use super::buffers::WriteSource;
+use super::direct::{open_direct, DirectFile};
 use super::error::{Corruption, Error, Result};
 use super::format::*;
 use super::header::{self, Headers};
@@ -67,21 +68,27 @@ impl VhdxFile {
     /// Opens the file at `path`, read-only or read-write, and locks it the way QEMU does: a
     /// writer excludes every other user, a reader excludes writers.
     pub fn open(path: &Path, writable: bool) -> Result<VhdxFile> {
-        Self::open_file(path, writable, true)
+        Self::open_file(path, writable, true, false)
+    }
+
+    /// [`VhdxFile::open`], with O_DIRECT when `direct` (`--cache none`).
+    pub fn open_with(path: &Path, writable: bool, direct: bool) -> Result<VhdxFile> {
+        Self::open_file(path, writable, true, direct)
     }
 
     /// Opens read-only without taking or honouring locks (qemu-img's `-U`): for looking at an
     /// image that a running backend owns. What it reads may be stale.
-    pub fn open_shared(path: &Path) -> Result<VhdxFile> {
-        Self::open_file(path, false, false)
+    pub fn open_shared(path: &Path, direct: bool) -> Result<VhdxFile> {
+        Self::open_file(path, false, false, direct)
     }
 
-    fn open_file(path: &Path, writable: bool, lock: bool) -> Result<VhdxFile> {
-        let file: File = OpenOptions::new()
-            .read(true)
-            .write(writable)
-            .open(path)
-            .map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
+    fn open_file(path: &Path, writable: bool, lock: bool, direct: bool) -> Result<VhdxFile> {
+        let opened = if direct {
+            open_direct(path, writable)
+        } else {
+            OpenOptions::new().read(true).write(writable).open(path)
+        };
+        let file: File = opened.map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
         // A directory opens read-only and has a size: without this it was reported as a
         // "file too small" corruption.
         if file.metadata().is_ok_and(|m| m.is_dir()) {
@@ -94,7 +101,12 @@ impl VhdxFile {
             super::lock::lock_image(&file, writable)
                 .map_err(|e| Error::Locked(format!("{}: {e}", path.display())))?;
         }
-        Self::open_storage(Arc::new(file), path.to_path_buf(), writable)
+        let storage: Arc<dyn Storage> = if direct {
+            Arc::new(DirectFile::new(file))
+        } else {
+            Arc::new(file)
+        };
+        Self::open_storage(storage, path.to_path_buf(), writable)
     }
 
     /// Opens a VHDX held by any [`Storage`]; `path` is used for messages and to find parents.

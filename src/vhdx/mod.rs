@@ -11,6 +11,7 @@ pub mod buffers;
 pub mod chain;
 pub mod check;
 pub mod create;
+pub mod direct;
 pub mod error;
 pub mod file;
 pub mod format;
