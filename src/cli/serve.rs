@@ -99,6 +99,17 @@ pub fn run(args: ServeArgs) -> CliResult<ExitCode> {
         ..args.chain.options(!args.read_only)
     };
     let chain = Chain::open(&image, &chain_options)?;
+    if let Some(d) = chain.leaf().storage().direct() {
+        let a = d.align();
+        log::info!(
+            "--cache none: O_DIRECT, buffers aligned to {} bytes and file offsets to {} (else bounced)",
+            a.mem,
+            a.offset
+        );
+    }
+    // Probed once here, so that the log names the choice and a forced io_uring that cannot
+    // work fails before serving.
+    let aio = crate::io::choose(args.aio)?;
     let serial = args.serial.clone().unwrap_or_else(|| {
         chain
             .leaf()
@@ -119,7 +130,7 @@ pub fn run(args: ServeArgs) -> CliResult<ExitCode> {
             queue_size: args.queue_size,
             serial,
             writethrough: args.writethrough || args.cache == CacheMode::Writethrough,
-            aio: args.aio,
+            aio: Some(aio),
             helper_threads: args
                 .helper_threads
                 .map_or_else(default_helper_threads, usize::from),
