@@ -9,6 +9,7 @@ use super::buffers::{ReadTarget, WriteSource};
 use super::error::{ChainError, Error, Result};
 use super::file::{Source, VhdxFile};
 use super::locator::{self, ParentLocator};
+use super::write::WritePlan;
 
 /// The deepest chain we open; real chains (Hyper-V checkpoints) are far shallower.
 pub const MAX_CHAIN_DEPTH: usize = 64;
@@ -198,6 +199,20 @@ impl Chain {
     pub fn write(&self, offset: u64, src: &dyn WriteSource) -> Result<()> {
         self.check_range(offset, src.len() as u64)?;
         self.leaf().write(offset, src)
+    }
+
+    /// The fast path of an asynchronous write: where the bytes of `[offset, offset + len)` go
+    /// in the leaf (layer 0) when every block it touches is already FULLY_PRESENT, with a guard
+    /// that keeps those blocks in place until it is dropped after the write completes. `None`:
+    /// the write needs a metadata change; run it with [`Chain::write`].
+    pub fn plan_write(&self, offset: u64, len: u64) -> Result<Option<WritePlan>> {
+        self.check_range(offset, len)?;
+        self.leaf().plan_write(offset, len)
+    }
+
+    /// A planned write failed (see [`VhdxFile::data_write_failed`]).
+    pub fn data_write_failed(&self, e: &std::io::Error) {
+        self.leaf().data_write_failed(e)
     }
 
     /// Gives back whole blocks inside the range; they read as zeros afterwards. Partial blocks

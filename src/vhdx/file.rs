@@ -18,7 +18,7 @@ use super::log::{self, ReplayPlan};
 use super::metadata::{self, Metadata};
 use super::region::{self, RegionTable};
 use super::storage::{OverlayStorage, Storage};
-use super::write::{Writer, WriterParts};
+use super::write::{WritePlan, Writer, WriterParts};
 
 /// Where the bytes of a run of a file's virtual disk come from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -269,6 +269,18 @@ impl VhdxFile {
     /// Writes at a virtual offset (sector-aligned, inside the disk: the chain checks).
     pub fn write(&self, offset: u64, src: &dyn WriteSource) -> Result<()> {
         self.writer()?.write(offset, src)
+    }
+
+    /// Where a write's bytes go when it changes no metadata (see [`Writer::plan_write`]).
+    pub fn plan_write(&self, offset: u64, len: u64) -> Result<Option<WritePlan>> {
+        self.writer()?.plan_write(offset, len)
+    }
+
+    /// A planned write failed: the file is poisoned, as after a failed synchronous write.
+    pub fn data_write_failed(&self, e: &std::io::Error) {
+        if let Some(w) = &self.writer {
+            w.data_write_failed(e);
+        }
     }
 
     /// Discards (`zero == false`) or zeroes a virtual range.

@@ -31,3 +31,4 @@ pub use error::{ChainError, Corruption, Error, Result};
 pub use file::{LogState, Source, VhdxFile};
 pub use format::PayloadBlockState;
 pub use storage::{MemStorage, Storage};
+pub use write::{WriteGuard, WritePlan};
