@@ -301,6 +301,11 @@ impl DirectFile {
         let w = &mut bounce.as_mut_slice()[..(end - start) as usize];
         let head = (offset - start) as usize;
         let tail = head + buf.len();
+        if head == 0 && tail == w.len() {
+            // Aligned on the file: only the buffer was misaligned.
+            w.copy_from_slice(buf);
+            return self.file.write_all_at(w, start);
+        }
         if head != 0 {
             self.read_aligned(&mut w[..a], start)?;
         }
@@ -341,7 +346,13 @@ impl Storage for DirectFile {
             let _shared = self.gate.shared();
             return self.file.write_all_at(buf, offset);
         }
-        let _exclusive = self.gate.exclusive();
+        // Only a range off the alignment rewrites bytes around it; a misaligned buffer alone
+        // is copied, and runs beside other aligned writes.
+        let _gate = if self.align.range_ok(offset, buf.len() as u64) {
+            self.gate.shared()
+        } else {
+            self.gate.exclusive()
+        };
         let piece = buf.len().min(BOUNCE_PIECE);
         let mut bounce = AlignedBuf::new(piece + 2 * self.align.offset as usize, self.align.mem);
         let mut done = 0;
