@@ -237,9 +237,9 @@ fn a_ring_that_cannot_be_set_up_is_an_error() {
 }
 
 #[test]
-fn idle_workers_exit() {
-    // Only the count is checked here; IDLE_EXIT itself is too long for a unit test.
-    let mut io = threads::ThreadPoolIo::new(4).unwrap();
+fn workers_start_on_demand_and_exit_when_idle() {
+    let mut io =
+        threads::ThreadPoolIo::with_idle_exit(4, std::time::Duration::from_millis(100)).unwrap();
     assert_eq!(io.workers(), 0, "no threads before any work");
     let f = scratch_file(4096);
     let mut bufs: Vec<Vec<u8>> = (0..4).map(|_| vec![0u8; 1024]).collect();
@@ -251,5 +251,21 @@ fn idle_workers_exit() {
     }
     io.commit().unwrap();
     wait_all(&mut io, 4);
-    assert!((1..=4).contains(&io.workers()));
+    assert!((1..=4).contains(&io.workers()), "{} workers", io.workers());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while io.workers() > 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "idle workers did not exit"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    // And work after that starts a worker again.
+    let mut b = vec![0u8; 512];
+    // SAFETY: as above.
+    unsafe { io.submit(op(OpKind::Read, f.as_raw_fd(), 0, &mut [&mut b]), 9) }
+        .ok()
+        .unwrap();
+    io.commit().unwrap();
+    assert_eq!(wait_all(&mut io, 1)[0].0, 9);
 }

@@ -34,6 +34,7 @@ struct Shared {
     work: Condvar,
     event: EventFd,
     max_workers: usize,
+    idle_exit: Duration,
 }
 
 impl Shared {
@@ -54,6 +55,11 @@ impl ThreadPoolIo {
     /// A pool for `depth` operations (at least 1), with up to `depth` workers (at most 64, as
     /// QEMU's pool).
     pub fn new(depth: usize) -> io::Result<ThreadPoolIo> {
+        Self::with_idle_exit(depth, IDLE_EXIT)
+    }
+
+    /// [`ThreadPoolIo::new`] with another idle time before a worker exits.
+    pub fn with_idle_exit(depth: usize, idle_exit: Duration) -> io::Result<ThreadPoolIo> {
         let depth = depth.max(1);
         Ok(ThreadPoolIo {
             shared: Arc::new(Shared {
@@ -61,6 +67,7 @@ impl ThreadPoolIo {
                 work: Condvar::new(),
                 event: EventFd::new(EFD_NONBLOCK)?,
                 max_workers: depth.min(64),
+                idle_exit,
             }),
             capacity: depth,
             in_flight: 0,
@@ -91,7 +98,7 @@ fn worker(shared: Arc<Shared>) {
         state.idle += 1;
         let (s, timeout) = shared
             .work
-            .wait_timeout(state, IDLE_EXIT)
+            .wait_timeout(state, shared.idle_exit)
             .unwrap_or_else(|e| e.into_inner());
         state = s;
         state.idle -= 1;

@@ -46,6 +46,8 @@ pub struct UringIo {
     free: Vec<usize>,
     /// Slots whose SQE is waiting for room in the submission queue (after a resubmit).
     unqueued: Vec<usize>,
+    /// CQEs copied out of the ring before they are handled (kept to avoid an allocation).
+    ready: Vec<(u64, i32)>,
 }
 
 impl UringIo {
@@ -72,6 +74,7 @@ impl UringIo {
             slots: (0..depth.max(1)).map(|_| None).collect(),
             free: (0..depth.max(1)).rev().collect(),
             unqueued: Vec::new(),
+            ready: Vec::with_capacity(depth.max(1)),
         })
     }
 
@@ -196,20 +199,19 @@ impl AsyncIo for UringIo {
         let _ = self.event.read();
         let mut n = 0;
         loop {
-            let ready: Vec<(u64, i32)> = self
-                .ring
-                .completion()
-                .map(|c| (c.user_data(), c.result()))
-                .collect();
+            let mut ready = std::mem::take(&mut self.ready);
+            ready.extend(self.ring.completion().map(|c| (c.user_data(), c.result())));
             if ready.is_empty() {
+                self.ready = ready;
                 break;
             }
-            for (user_data, res) in ready {
+            for (user_data, res) in ready.drain(..) {
                 if let Some(c) = self.complete(user_data as usize, res) {
                     out.push(c);
                     n += 1;
                 }
             }
+            self.ready = ready;
         }
         // Resubmissions (short transfers, EAGAIN) go out now.
         if self.ring.submission().is_empty() && self.unqueued.is_empty() {
