@@ -197,7 +197,9 @@ pub fn open_direct(path: &Path, writable: bool) -> io::Result<File> {
         .custom_flags(nix::fcntl::OFlag::O_DIRECT.bits())
         .open(path)
         .map_err(|e| {
-            if e.raw_os_error() == Some(nix::libc::EINVAL) {
+            if path.is_dir() {
+                io::ErrorKind::IsADirectory.into()
+            } else if e.raw_os_error() == Some(nix::libc::EINVAL) {
                 io::Error::new(
                     io::ErrorKind::InvalidInput,
                     "the filesystem does not support O_DIRECT (--cache none); use --cache writeback",
