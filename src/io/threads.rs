@@ -239,7 +239,7 @@ impl AsyncIo for ThreadPoolIo {
                 return Ok(n);
             }
             let mut pfd = [nix::poll::PollFd::new(
-                self.shared.event.as_fd_borrowed(),
+                borrowed(&self.shared.event),
                 nix::poll::PollFlags::POLLIN,
             )];
             match nix::poll::poll(&mut pfd, nix::poll::PollTimeout::NONE) {
@@ -272,14 +272,8 @@ impl Drop for ThreadPoolIo {
     }
 }
 
-/// `EventFd` as a `BorrowedFd` for poll.
-trait AsFdBorrowed {
-    fn as_fd_borrowed(&self) -> BorrowedFd<'_>;
-}
-
-impl AsFdBorrowed for EventFd {
-    fn as_fd_borrowed(&self) -> BorrowedFd<'_> {
-        // SAFETY: the eventfd is open for as long as `self` is borrowed.
-        unsafe { BorrowedFd::borrow_raw(self.as_raw_fd()) }
-    }
+/// An `EventFd` as a `BorrowedFd`, for poll (vmm-sys-util's has no `AsFd`).
+fn borrowed(event: &EventFd) -> BorrowedFd<'_> {
+    // SAFETY: the eventfd is open for as long as `event` is borrowed.
+    unsafe { BorrowedFd::borrow_raw(event.as_raw_fd()) }
 }

@@ -487,6 +487,9 @@ mod tests {
     fn a_read_modify_write_waits_for_aligned_writes() {
         let gate: Arc<WriteGate> = Arc::default();
         let shared = gate.shared();
+        // An asynchronous write keeps its guard in an in-flight slot, on another thread.
+        fn assert_send<T: Send>(_: &T) {}
+        assert_send(&shared);
         let (tx, rx) = std::sync::mpsc::channel();
         let g = Arc::clone(&gate);
         let t = std::thread::spawn(move || {
