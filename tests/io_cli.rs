@@ -269,7 +269,7 @@ fn unaligned_or_out_of_range_is_one_line_and_changes_nothing() {
 /// `io -t none` (O_DIRECT) on an image with 512-byte sectors: writes of odd sector runs (the
 /// engine's aligned read-modify-write), a first touch, a discard and a log full of metadata
 /// changes all go through O_DIRECT; qemu-img check finds the image clean and qemu-io reads
-/// back the same bytes; `-t writethrough` reads them too.
+/// back the same bytes; `-t writethrough` reads them too, and so does `convert -T none`.
 #[test]
 fn cache_none_writes_what_qemu_reads() {
     let dir = direct_io_tempdir("io-cache-none-");
@@ -313,4 +313,11 @@ fn cache_none_writes_what_qemu_reads() {
     let (args, out) = io(&img, &["-t", "writethrough"], &["read -P 0x32 3M 1M"]);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     assert!(out.status.success(), "{}", describe_ours(&args, &out));
+    // convert -T none reads the image with O_DIRECT; qemu-img finds the copy identical.
+    let raw = dir.path().join("d.raw");
+    ours_ok(&["convert", "-q", "-T", "none", "-O", "raw", s(&img), s(&raw)]);
+    run_ok(
+        "qemu-img",
+        &["compare", "-f", "vhdx", "-F", "raw", s(&img), s(&raw)],
+    );
 }
