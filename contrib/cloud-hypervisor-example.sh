@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # The Cloud Hypervisor side of a vhost-user-vhdx disk (start the backend first):
-#   vhost-user-vhdx serve --socket-path /tmp/vhdx.sock --num-queues 4 disk.vhdx &
+#   vhost-user-vhdx serve --socket-path /tmp/vhdx.sock --num-queues 4 --cache none disk.vhdx &
+# (--cache none: O_DIRECT, the production setting, as the guest caches the disk itself; on a
+# filesystem without O_DIRECT, such as an old tmpfs, use --cache writeback.)
 # Cloud Hypervisor refuses to start when its num_queues exceeds what the backend offers; the
 # backend offers 16 by default (--num-queues, up to 64). Guest memory must be shared.
 exec cloud-hypervisor \

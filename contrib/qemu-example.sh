@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # The QEMU side of a vhost-user-vhdx disk (start the backend first):
-#   vhost-user-vhdx serve --socket-path /tmp/vhdx.sock --num-queues 4 disk.vhdx &
+#   vhost-user-vhdx serve --socket-path /tmp/vhdx.sock --num-queues 4 --cache none disk.vhdx &
+# (--cache none: O_DIRECT, the production setting, as the guest caches the disk itself; on a
+# filesystem without O_DIRECT, such as an old tmpfs, use --cache writeback.)
 # Guest RAM must be shared memory (memory-backend-memfd,share=on) so the backend can map it.
 exec qemu-system-x86_64 \
     -machine q35,accel=kvm:tcg,memory-backend=mem -m 2G -smp 4 \

@@ -74,6 +74,8 @@ pub struct DeviceOptions {
     pub serial: String,
     /// Flush after every write (the guest sees a write-through cache).
     pub writethrough: bool,
+    /// `--aio`: None = io_uring where the kernel allows it (used once the data path is async).
+    pub aio: Option<crate::io::AioChoice>,
     /// Threads that help a queue with a batch of large requests (0: none).
     pub helper_threads: usize,
 }

@@ -680,6 +680,7 @@ mod tests {
                 serial: "s".into(),
                 writethrough: false,
                 helper_threads: 0,
+                aio: None,
             },
         )
         .unwrap();

@@ -9,6 +9,7 @@ pub mod guest_memory;
 pub mod handler;
 pub mod helper_pool;
 pub mod inflight;
+pub mod io;
 pub mod queue;
 pub mod requests;
 pub mod ring;

@@ -717,3 +717,85 @@ fn unreadable_and_missing_files_give_one_line() {
         ["empty.vhdx", "junk.vhdx", "subdir"]
     );
 }
+
+/// `serve --cache none` of a file on a filesystem without O_DIRECT (ramfs: mounted here, which
+/// needs root) fails at once with one line that names `--cache writeback`; `--cache writeback`
+/// then gets as far as listening. Both `--cache writethrough` and the old `--writethrough`
+/// are accepted, but not together with `--cache`.
+#[test]
+fn serve_cache_none_on_a_filesystem_without_o_direct() {
+    let dir = tempdir("cli-ramfs-");
+    let mnt = dir.path().join("ramfs");
+    std::fs::create_dir(&mnt).unwrap();
+    let mounted = std::process::Command::new("mount")
+        .args(["-t", "ramfs", "none"])
+        .arg(&mnt)
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(
+        mounted || std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() != 0),
+        "root could not mount a ramfs"
+    );
+    if !mounted {
+        eprintln!("serve_cache_none_on_a_filesystem_without_o_direct: NOT RUN (mounting a ramfs needs root)");
+        return;
+    }
+    struct Unmount<'a>(&'a Path);
+    impl Drop for Unmount<'_> {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount").arg(self.0).status();
+        }
+    }
+    let _unmount = Unmount(&mnt);
+    let img = mnt.join("disk.vhdx");
+    ours_ok(&["create", "-q", s(&img), "64M"]);
+    let sock = dir.path().join("s.sock");
+    let line = fails(
+        1,
+        &[
+            "serve",
+            "--cache",
+            "none",
+            "--socket-path",
+            s(&sock),
+            s(&img),
+        ],
+    );
+    assert!(line.contains("O_DIRECT"), "{line}");
+    assert!(line.contains("--cache writeback"), "{line}");
+    assert!(line.contains(s(&img)), "{line}");
+    let line = fails(
+        1,
+        &[
+            "serve",
+            "--cache",
+            "none",
+            "--writethrough",
+            "--socket-path",
+            s(&sock),
+            s(&img),
+        ],
+    );
+    assert!(line.contains("--writethrough"), "{line}");
+    for cache in [
+        &["--cache", "writeback"][..],
+        &["--cache", "writethrough"],
+        &["--writethrough"],
+    ] {
+        let mut child = std::process::Command::new(bin())
+            .arg("serve")
+            .args(cache)
+            .arg("--socket-path")
+            .arg(&sock)
+            .arg(&img)
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let listening =
+            common::wait_for_path(&mut child, &sock, std::time::Duration::from_secs(10));
+        let _ = child.kill();
+        let _ = child.wait();
+        let _ = std::fs::remove_file(&sock);
+        assert!(listening.is_ok(), "{cache:?} did not serve");
+    }
+}

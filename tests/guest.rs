@@ -363,9 +363,26 @@ fn pattern_two_queues() {
     if foreign_backend().is_none() && skip_our_serve(test) {
         return;
     }
+    pattern(test, tempdir("guest-pattern-"), None);
+}
+
+/// The same with our serve and `--cache none` (O_DIRECT), on a filesystem that takes it.
+#[test]
+fn pattern_two_queues_cache_none() {
+    let test = "pattern_two_queues_cache_none";
+    if skip_our_serve(test) {
+        return;
+    }
+    let mut ours = our_backend();
+    ours.extend(["--cache".to_owned(), "none".to_owned()]);
+    pattern(test, direct_io_tempdir("guest-pattern-direct-"), Some(ours));
+}
+
+/// pattern.sh in a guest: two 8 MiB patterns written and read back through `/dev/vda`, then
+/// judged on the host. `command`: the backend (default: [`start_backend`]'s).
+fn pattern(test: &str, dir: tempfile::TempDir, command: Option<Vec<String>>) {
     let _one = one_guest();
     let t = Instant::now();
-    let dir = tempdir("guest-pattern-");
     let image = dir.path().join("disk.vhdx");
     let socket = dir.path().join("vhost.sock");
     let pattern = dir.path().join("pattern.bin");
@@ -375,7 +392,20 @@ fn pattern_two_queues() {
     fs::write(&pattern, random_bytes(1, 8 * MIB)).unwrap();
     ours_ok(&["create", "-q", s(&image), "256M"]);
 
-    let backend = Backend::start(&image, &socket, 2);
+    let backend = match &command {
+        Some(c) => Backend {
+            child: Some(spawn_backend(c, &image, &socket, 2)),
+            socket: socket.clone(),
+        },
+        None => Backend::start(&image, &socket, 2),
+    };
+    if command.is_some() {
+        let log = backend.log();
+        assert!(
+            log.contains("O_DIRECT"),
+            "{test}: serve did not open O_DIRECT:\n{log}"
+        );
+    }
     let mut args = vec!["/dev/vda".to_owned(), "pattern.bin".to_owned()];
     args.extend(offsets.iter().map(u64::to_string));
     let out = guest_run(

@@ -403,12 +403,12 @@ fn an_interrupted_commit_is_reported_and_finished_by_running_it_again() {
     // What a commit killed half-way leaves: the child records the parent's future identity G,
     // and the parent has G and part of the child's data (where the child shadows it).
     let g = uuid::Uuid::new_v4();
-    let mut c = VhdxFile::open_with(&child, DataWriteGuid::Keep).unwrap();
+    let mut c = VhdxFile::open_with_guid(&child, DataWriteGuid::Keep).unwrap();
     let old = c.metadata.parent_locator.as_ref().unwrap().linkages()[0];
     let new = with_linkages(&c, old, Some(g)).unwrap();
     set_parent_locator(&mut c, new).unwrap();
     c.close().unwrap();
-    let p = VhdxFile::open_with(&parent, DataWriteGuid::Set(g)).unwrap();
+    let p = VhdxFile::open_with_guid(&parent, DataWriteGuid::Set(g)).unwrap();
     p.write(MIB, &&vec![0x21u8; MIB as usize][..]).unwrap();
     p.close().unwrap();
 

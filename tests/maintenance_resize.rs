@@ -27,7 +27,9 @@ fn pyvhdi_of(chain: &[&Path], dir: &Path, name: &str) -> Vec<u8> {
     pyvhdi_read_raw(&out, chain);
     let mut v = std::fs::read(&out).unwrap();
     // The script writes sparse output: a zero tail is a shorter file.
-    let size = VhdxFile::open_shared(chain[0]).unwrap().virtual_size();
+    let size = VhdxFile::open_shared(chain[0], false)
+        .unwrap()
+        .virtual_size();
     v.resize(size as usize, 0);
     v
 }
@@ -53,7 +55,7 @@ fn assert_reads(img: &Path, expected: &[u8], dir: &Path, what: &str) {
     assert_qemu_img_check_clean(img, what);
     let check = ours(&["check", s(img)]);
     assert!(check.status.success(), "{what}: our check: {check:?}");
-    let size = VhdxFile::open_shared(img).unwrap().virtual_size();
+    let size = VhdxFile::open_shared(img, false).unwrap().virtual_size();
     assert_eq!(size, expected.len() as u64, "{what}: virtual size");
     let q = raw_of(img, dir, "qemu.raw");
     assert!(q == expected, "{what}: qemu-img reads other content");
@@ -132,7 +134,7 @@ fn a_fixed_disk_grows_with_allocated_zeroed_blocks() {
     let mut expected = vec![0x11u8; 8 * MIB as usize];
     expected.resize(40 * MIB as usize, 0);
     assert_reads(&img, &expected, d.path(), "fixed grown");
-    let f = VhdxFile::open_shared(&img).unwrap();
+    let f = VhdxFile::open_shared(&img, false).unwrap();
     assert!(f.metadata.leave_block_allocated);
     assert_eq!(
         f.bat.unallocated_blocks(),
@@ -148,9 +150,9 @@ fn a_grow_past_the_bat_region_relocates_it() {
     // qemu's BAT region for a small disk is 1 MiB: room for 131072 entries.
     qemu_img_create_vhdx(&img, "64M", "block_size=1M");
     qemu_io_ok(&img, &["write -P 0x22 0 64M"]);
-    let before = VhdxFile::open_shared(&img).unwrap().regions.bat();
+    let before = VhdxFile::open_shared(&img, false).unwrap().regions.bat();
     ours_ok(&["resize", s(&img), "200G"]);
-    let f = VhdxFile::open_shared(&img).unwrap();
+    let f = VhdxFile::open_shared(&img, false).unwrap();
     assert_ne!(f.regions.bat().file_offset, before.file_offset, "BAT moved");
     assert!(f.regions.bat().length >= 204_800 * 8);
     drop(f);
@@ -409,7 +411,9 @@ fn compact_of_a_differencing_file_keeps_zeros_that_hide_parent_data() {
     let mut expected = vec![0u8; 8 * MIB as usize];
     put(&mut expected, 2 * MIB, 2 * MIB, 0x55);
     put(&mut expected, 7 * MIB, MIB, 0x66);
-    let guid_before = VhdxFile::open_shared(&child).unwrap().data_write_guid();
+    let guid_before = VhdxFile::open_shared(&child, false)
+        .unwrap()
+        .data_write_guid();
     let out = ours_ok(&["compact", s(&child)]);
     assert!(out.starts_with("3 blocks reclaimed"), "{out}");
     let check = ours(&["check", s(&child)]);

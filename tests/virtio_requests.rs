@@ -154,6 +154,7 @@ fn device_with(s: Setup) -> Dev {
             queue_size: QUEUE_SIZE as usize,
             serial: s.serial,
             writethrough: s.writethrough,
+            aio: None,
             helper_threads: 1,
         },
     )

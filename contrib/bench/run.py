@@ -3,6 +3,7 @@
 
     contrib/bench/run.py [--seconds 5] [--rounds 2] [--size 2G] [--out DIR]
                          [--jobs NAME,...] [--backends ours,...] [--no-footprint]
+                         [--cold] [--pin]
 
 Builds the images (a dynamic VHDX with 32 MiB blocks fully written once, an empty one for
 first-touch writes, a raw file with the same content), then drives every backend with the same
@@ -15,7 +16,22 @@ after another and interleaved (A B C A B C ...) so that drift cancels:
     fio-raw   fio on the host against the raw file, psync on one thread per core (the
               ceiling: the host's own page-cache I/O, no vhost-user at all)
 
-All use the host page cache (no O_DIRECT). Prints a table (IOPS or MB/s, p50/p99 latency,
+These use the host page cache. With --backends (or --cold) also:
+
+    ours-direct         vhost-user-vhdx serve --cache none (O_DIRECT)
+    qsd-direct-uring    qemu-storage-daemon, driver=vhdx, cache.direct=on, aio=io_uring
+    qsd-direct-threads  qemu-storage-daemon, driver=vhdx, cache.direct=on, aio=threads
+    fio-direct          fio, io_uring, O_DIRECT, at the job's queue depth, reading the VHDX
+                        file itself, writing the raw file (the disk's limit: no format, no
+                        vhost-user)
+
+--cold measures the disk, not the page cache: as root the host page cache is dropped before
+every job (and the default backends become ours-direct, ours, qsd-direct-uring,
+qsd-direct-threads, fio-direct); otherwise only the O_DIRECT backends run (said in the output).
+--pin puts the client (or fio) on core 0 and the backend on core 1, so that figures on a small
+machine repeat. The *-qd1 jobs measure latency (p50/p99) at queue depth 1.
+
+Prints a table (IOPS or MB/s, p50/p99 latency,
 backend CPU seconds per GiB moved -- for fio-raw, fio's own CPU -- our ratio to each anchor),
 then each performance target the run covers as met or MISSED, then the footprint (serving
 1 TiB, opening 64 TiB, replaying a full log, with their limits); writes results.json,
@@ -53,8 +69,30 @@ JOBS = [
      "full", ["--rw=randread", "--bs=4k"]),
     ("4k-randread-qd32-2q", ["--job", "randread", "--bs", "4k", "--qd", "32", "--queues", "2"],
      "full", ["--rw=randread", "--bs=4k"]),
+    ("4k-randread-qd1", ["--job", "randread", "--bs", "4k", "--qd", "1", "--queues", "1"],
+     "full", ["--rw=randread", "--bs=4k"]),
+    ("4k-randwrite-qd1", ["--job", "randwrite", "--bs", "4k", "--qd", "1", "--queues", "1"],
+     "full", ["--rw=randwrite", "--bs=4k"]),
 ]
 BACKENDS = ["ours", "qsd-vhdx", "qsd-raw", "fio-raw"]
+ALL_BACKENDS = BACKENDS + ["ours-direct", "qsd-direct-uring", "qsd-direct-threads", "fio-direct"]
+COLD_BACKENDS = ["ours-direct", "ours", "qsd-direct-uring", "qsd-direct-threads", "fio-direct"]
+# Backends that never read through the host page cache.
+DIRECT = {"ours-direct", "qsd-direct-uring", "qsd-direct-threads", "fio-direct"}
+# --pin: the client (or fio) on CLIENT_CPU, the backend on BACKEND_CPU.
+PIN = None
+CLIENT_CPU, BACKEND_CPU = "0", "1"
+
+
+def pinned(cmd, cpu):
+    return ["taskset", "-c", cpu] + cmd if PIN else cmd
+
+
+def drop_caches():
+    """Writes back and drops the host page cache (root only)."""
+    os.sync()
+    with open("/proc/sys/vm/drop_caches", "w") as f:
+        f.write("3\n")
 
 
 def run(cmd, **kw):
@@ -84,16 +122,20 @@ def start_backend(kind, image, sock, queues, log=subprocess.DEVNULL):
     Its stdout and stderr go to `log` (a file object; discarded by default)."""
     if os.path.exists(sock):
         os.unlink(sock)
-    if kind == "ours":
-        cmd = [BIN, "serve", "--socket-path", sock, "--num-queues", str(queues), image]
+    if kind in ("ours", "ours-direct"):
+        cache = ["--cache", "none"] if kind == "ours-direct" else []
+        cmd = [BIN, "serve", "--socket-path", sock, "--num-queues", str(queues)] + cache + [image]
     else:
-        fmt = "vhdx" if kind == "qsd-vhdx" else "raw"
+        fmt = "raw" if kind == "qsd-raw" else "vhdx"
+        opts = {"qsd-direct-uring": ",cache.direct=on,aio=io_uring",
+                "qsd-direct-threads": ",cache.direct=on,aio=threads"}.get(kind, "")
         cmd = ["qemu-storage-daemon",
-               "--blockdev", f"driver=file,node-name=file,filename={image}",
+               "--blockdev", f"driver=file,node-name=file,filename={image}{opts}",
                "--blockdev", f"driver={fmt},node-name=disk,file=file",
                "--export", f"type=vhost-user-blk,id=exp,node-name=disk,addr.type=unix,"
                            f"addr.path={sock},writable=on,num-queues={queues}"]
-    p = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+    p = subprocess.Popen(pinned(cmd, BACKEND_CPU), stdin=subprocess.DEVNULL, stdout=log,
+                         stderr=log)
     for _ in range(500):
         if p.poll() is not None:
             raise SystemExit(f"{kind} exited with status {p.returncode} before listening on {sock}")
@@ -120,17 +162,24 @@ def children_cpu_seconds():
     return r.ru_utime + r.ru_stime
 
 
-def fio(image, fio_args, seconds, size):
-    c0 = children_cpu_seconds()
-    out = subprocess.run(
+def fio(image, fio_args, seconds, size, direct_qd=None, queues=1):
+    """fio on the host: page-cache psync on one thread per core, or (direct_qd) io_uring with
+    O_DIRECT at that depth on `queues` threads."""
+    if direct_qd:
+        engine = ["--ioengine=io_uring", "--direct=1", f"--iodepth={direct_qd}",
+                  f"--numjobs={queues}"]
+    else:
         # Synchronous page-cache I/O on one thread per core: what the host itself does with
         # the raw file (buffered io_uring punts to worker threads and measures far less).
-        ["fio", "--name=j", f"--filename={image}", "--ioengine=psync", "--direct=0",
-         "--invalidate=0",
-         f"--numjobs={os.cpu_count()}",
+        engine = ["--ioengine=psync", "--direct=0", "--invalidate=0",
+                  f"--numjobs={os.cpu_count()}"]
+    c0 = children_cpu_seconds()
+    out = subprocess.run(
+        pinned(["fio", "--name=j", f"--filename={image}"] + engine + [
          # fio reads a bare --runtime as whole seconds: 0.5 would be 0.
          f"--size={size}", f"--runtime={int(seconds * 1000)}ms", "--time_based",
-         "--group_reporting", "--output-format=json"] + fio_args, check=True, capture_output=True, text=True).stdout
+         "--group_reporting", "--output-format=json"] + fio_args, CLIENT_CPU),
+        check=True, capture_output=True, text=True).stdout
     r = parse_fio_json(out)
     # fio's CPU (its job processes included): the host doing the I/O itself.
     r["cpu_s"] = children_cpu_seconds() - c0
@@ -162,14 +211,15 @@ def build_images(work, size):
 
 def print_table(results, jobs, backends):
     """Prints the medians of `results` ((job, backend) -> list of runs) with our IOPS ratio to
-    every other backend under each job; returns the rows. `backends[0]` must be ours. A run
-    whose cpu_s_per_gib is None (not measured) shows n/a."""
+    every other backend under each job; returns the rows. "ours" is ours-direct when it ran,
+    else ours. A run whose cpu_s_per_gib is None (not measured) shows n/a."""
+    me = "ours-direct" if "ours-direct" in backends else "ours"
     def med(name, backend, key):
         values = [r[key] for r in results[(name, backend)]]
         return None if None in values else statistics.median(values)
 
     rows = []
-    print(f"{'job':28} {'backend':9} {'IOPS':>10} {'MB/s':>9} {'p50 us':>8} {'p99 us':>8} "
+    print(f"{'job':28} {'backend':18} {'IOPS':>10} {'MB/s':>9} {'p50 us':>8} {'p99 us':>8} "
           f"{'CPU s/GiB':>10}")
     for name in jobs:
         for backend in backends:
@@ -178,11 +228,11 @@ def print_table(results, jobs, backends):
                 row[key] = med(name, backend, key)
             rows.append(row)
             cpu = "n/a" if row["cpu_s_per_gib"] is None else f"{row['cpu_s_per_gib']:.3f}"
-            print(f"{name:28} {backend:9} {row['iops']:10.0f} {row['mbps']:9.1f} "
+            print(f"{name:28} {backend:18} {row['iops']:10.0f} {row['mbps']:9.1f} "
                   f"{row['p50_us']:8.0f} {row['p99_us']:8.0f} {cpu:>10}")
-        ours = med(name, "ours", "iops")
-        ratios = "  ".join(f"ours/{b} = {ours / max(med(name, b, 'iops'), 1e-9):.2f}x"
-                           for b in backends[1:])
+        ours = med(name, me, "iops")
+        ratios = "  ".join(f"{me}/{b} = {ours / max(med(name, b, 'iops'), 1e-9):.2f}x"
+                           for b in backends if b != me)
         print(f"{'':28} {ratios}")
     return rows
 
@@ -202,14 +252,32 @@ def main():
     ap.add_argument("--jobs", help="comma-separated job names to run (default: all)")
     ap.add_argument("--backends", help="comma-separated backends to run (default: all)")
     ap.add_argument("--no-footprint", action="store_true", help="skip the footprint figures")
+    ap.add_argument("--cold", action="store_true",
+                    help="measure the disk: drop the page cache before every job (root), "
+                         "else O_DIRECT backends only")
+    ap.add_argument("--pin", action="store_true",
+                    help=f"client on core {CLIENT_CPU}, backend on core {BACKEND_CPU}")
     a = ap.parse_args()
-    global JOBS, BACKENDS
+    global JOBS, BACKENDS, PIN
+    PIN = a.pin
+    if a.pin and os.cpu_count() < 2:
+        raise SystemExit("--pin needs two cores")
     if a.jobs:
         JOBS = [j for j in JOBS if j[0] in a.jobs.split(",")]
+    if a.cold:
+        BACKENDS = COLD_BACKENDS
     if a.backends:
-        BACKENDS = [b for b in BACKENDS if b in a.backends.split(",")]
-        if "ours" not in BACKENDS:
-            raise SystemExit("--backends must include ours: every ratio is ours over an anchor")
+        BACKENDS = [b for b in ALL_BACKENDS if b in a.backends.split(",")]
+    can_drop = a.cold and os.geteuid() == 0
+    if a.cold and not can_drop:
+        BACKENDS = [b for b in BACKENDS if b in DIRECT]
+        print("cold: not root, so the page cache cannot be dropped: O_DIRECT backends only "
+              f"({', '.join(BACKENDS)})")
+    elif a.cold:
+        print("cold: the host page cache is dropped before every job")
+    if not any(b.startswith("ours") for b in BACKENDS):
+        raise SystemExit("--backends must include ours or ours-direct: every ratio is ours "
+                         "over an anchor")
     run(["cargo", "build", "--release", "--quiet", "--example", "blk_bench"], cwd=REPO)
     run(["cargo", "build", "--release", "--quiet"], cwd=REPO)
     os.makedirs(a.out, exist_ok=True)
@@ -225,7 +293,7 @@ def main():
                     image = os.path.join(work, f"empty-{backend}")
                     if os.path.exists(image):
                         os.unlink(image)
-                    if backend in ("ours", "qsd-vhdx"):
+                    if backend not in ("qsd-raw", "fio-raw", "fio-direct"):
                         image += ".vhdx"
                         if os.path.exists(image):
                             os.unlink(image)
@@ -234,37 +302,49 @@ def main():
                         with open(image, "wb") as f:
                             f.truncate(1 << 40)
                 else:
-                    image = full if backend in ("ours", "qsd-vhdx") else raw
+                    # fio-direct reads the VHDX file itself (the same bytes on the same disk);
+                    # it writes to the raw file, as writing over the VHDX would destroy it.
+                    writes = "write" in client[client.index("--job") + 1]
+                    image = (raw if backend in ("qsd-raw", "fio-raw")
+                             or (backend == "fio-direct" and writes) else full)
                 region = ["--region", "1T" if kind == "empty" else a.size]
-                if backend == "fio-raw":
-                    r = fio(image, fio_args, a.seconds, "1T" if kind == "empty" else a.size)
+                if can_drop:
+                    drop_caches()
+                if backend in ("fio-raw", "fio-direct"):
+                    qd = int(client[client.index("--qd") + 1]) if backend == "fio-direct" else None
+                    r = fio(image, fio_args, a.seconds, "1T" if kind == "empty" else a.size,
+                            direct_qd=qd, queues=queues)
                 else:
                     p = start_backend(backend, image, sock, max(queues, 2))
                     c0 = cpu_seconds(p.pid)
-                    out = subprocess.run([BENCH, "--socket", sock, "--seconds", str(a.seconds)]
-                                         + region + client, check=True, capture_output=True,
-                                         text=True).stdout
+                    out = subprocess.run(pinned([BENCH, "--socket", sock, "--seconds",
+                                                 str(a.seconds)] + region + client, CLIENT_CPU),
+                                         check=True, capture_output=True, text=True).stdout
                     c1 = cpu_seconds(p.pid)
                     stop_backend(p)
                     r = json.loads(out)
                     r["cpu_s"] = c1 - c0
                 r["cpu_s_per_gib"] = r["cpu_s"] / max(r["bytes"] / (1 << 30), 1e-9)
                 results.setdefault((name, backend), []).append(r)
-                print(f"round {rnd + 1} {name:28} {backend:9} {r['iops']:10.0f} IOPS "
+                print(f"round {rnd + 1} {name:28} {backend:18} {r['iops']:10.0f} IOPS "
                       f"{r['mbps']:8.1f} MB/s", file=sys.stderr)
                 if kind == "empty" and os.path.exists(image):
                     os.unlink(image)
 
     rows = print_table(results, [j[0] for j in JOBS], BACKENDS)
     machine_line = machine()
-    print(f"({a.rounds} rounds x {a.seconds} s per job; {machine_line}; medians)")
+    mode = ("cold: page cache dropped before every job" if can_drop else
+            "cold: O_DIRECT backends only" if a.cold else "page cache")
+    mode += ", pinned" if a.pin else ""
+    print(f"({a.rounds} rounds x {a.seconds} s per job; {mode}; {machine_line}; medians)")
 
     def med(name, backend, key):
         return statistics.median(r[key] for r in results[(name, backend)])
 
     verdicts = targets(med, {name for name, *_ in JOBS})
     with open(os.path.join(a.out, "results.json"), "w") as f:
-        json.dump({"machine": machine_line, "rounds": a.rounds, "seconds": a.seconds,
+        json.dump({"machine": machine_line, "mode": mode, "rounds": a.rounds,
+                   "seconds": a.seconds,
                    "size": a.size, "rows": rows, "targets": verdicts}, f, indent=1)
     with open(os.path.join(a.out, "results.csv"), "w") as f:
         f.write("job,backend,iops,mbps,p50_us,p99_us,cpu_s_per_gib\n")
@@ -277,7 +357,8 @@ def main():
 
 
 def targets(med, jobs):
-    """Prints each of issue 5's targets that this run's jobs and backends cover, met or not."""
+    """Prints each of issue 5's and issue 9's targets that this run's jobs and backends cover,
+    met or not."""
     verdicts = []
 
     def check(what, got, want, note=""):
@@ -290,6 +371,22 @@ def targets(med, jobs):
 
     print("targets:")
     have = lambda job, *b: job in jobs and all(x in BACKENDS for x in b)
+
+    def direct_ratio(job, b):
+        return med(job, "ours-direct", "iops") / max(med(job, b, "iops"), 1e-9)
+
+    # Issue 9's (cold: meaningful with --cold).
+    if have("4k-randread-qd32-1q", "ours-direct", "qsd-direct-uring"):
+        check("--cache none 4 KiB random read QD32 vs qsd-direct-uring",
+              direct_ratio("4k-randread-qd32-1q", "qsd-direct-uring"), 1.0)
+    if have("4k-randread-qd32-1q", "ours-direct", "fio-direct"):
+        check("--cache none 4 KiB random read QD32 vs fio-direct",
+              direct_ratio("4k-randread-qd32-1q", "fio-direct"), 0.85)
+    if have("4k-randwrite-qd32", "ours-direct", "qsd-direct-uring"):
+        check("--cache none 4 KiB random write QD32 vs qsd-direct-uring",
+              direct_ratio("4k-randwrite-qd32", "qsd-direct-uring"), 1.0)
+    # The page-cache targets compare ours (writeback).
+    have = lambda job, *b: job in jobs and all(x in BACKENDS for x in ("ours",) + b)
     if have("4k-randread-qd32", "qsd-vhdx"):
         check("4 KiB random read vs qsd-vhdx", ratio("4k-randread-qd32", "qsd-vhdx"), 1.3)
     if have("4k-randread-qd32", "qsd-raw"):
@@ -310,7 +407,7 @@ def targets(med, jobs):
               max(med("4k-randread-qd32-1q", "ours", "iops"), 1e-9), 1.5, note)
     for job in sorted(jobs):
         for b in ("qsd-vhdx", "qsd-raw"):
-            if b in BACKENDS:
+            if b in BACKENDS and "ours" in BACKENDS:
                 # Less CPU per GiB than the anchor: the anchor's figure over ours, above 1.
                 check(f"CPU per GiB, {job}, {b} / ours",
                       med(job, b, "cpu_s_per_gib") / max(med(job, "ours", "cpu_s_per_gib"), 1e-9),

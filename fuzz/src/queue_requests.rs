@@ -45,7 +45,7 @@ pub fn small_image(logical_sector_size: u32) -> Vec<u8> {
                 },
             )
             .unwrap();
-            storage.0.into_inner()
+            storage.to_bytes()
         })
     });
     images[usize::from(logical_sector_size == 4096)].clone()

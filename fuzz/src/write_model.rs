@@ -15,7 +15,7 @@ use arbitrary::{Arbitrary, Result, Unstructured};
 use vhost_user_vhdx::vhdx::{check, Chain, VhdxFile};
 
 use crate::queue_requests::small_image;
-use crate::storage::Crashable;
+use crate::storage::{Crashable, Pages};
 
 const DISK: u64 = 4 << 20;
 const BLOCK: u64 = 1 << 20;
@@ -152,7 +152,7 @@ fn drive(u: &mut Unstructured) -> Result<()> {
         flushed: vec![0; sectors as usize],
         since: vec![Vec::new(); sectors as usize],
     };
-    let mut storage = Arc::new(Crashable::new(small_image(lss as u32)));
+    let mut storage = Arc::new(Crashable::new(Pages::from_bytes(&small_image(lss as u32))));
     let mut chain = open(storage.clone(), commit_each);
     for op in ops {
         match op {

@@ -17,7 +17,7 @@ use std::process::ExitCode;
 use indicatif::{ProgressBar, ProgressStyle};
 
 use super::create::apply_options;
-use super::{check_format, ChainArgs, CliResult};
+use super::{check_format, CacheMode, ChainArgs, CliResult};
 use crate::vhdx::create::{self, CreateOptions};
 use crate::vhdx::{Chain, ChainOptions, Extents, ReadSource};
 
@@ -43,6 +43,10 @@ pub struct ConvertArgs {
     /// Never show a progress bar.
     #[arg(short = 'q')]
     pub quiet: bool,
+    /// The host page cache for reading a vhdx input, as qemu-img's `-T`: `none` reads with
+    /// O_DIRECT, so a large conversion does not fill the page cache.
+    #[arg(short = 'T', value_enum, value_name = "SRC_CACHE")]
+    pub src_cache: Option<CacheMode>,
     #[command(flatten)]
     pub chain: ChainArgs,
     pub input: PathBuf,
@@ -57,10 +61,22 @@ enum Input {
 impl Input {
     /// A VHDX unless `-f raw` says otherwise: a damaged VHDX must be refused, not copied as
     /// if it were a raw disk.
-    fn open(path: &Path, format: Option<&str>, chain: &ChainArgs) -> CliResult<Input> {
+    fn open(
+        path: &Path,
+        format: Option<&str>,
+        chain: &ChainArgs,
+        direct: bool,
+    ) -> CliResult<Input> {
         let format = format.unwrap_or("vhdx");
         match format {
-            "vhdx" => Ok(Input::Vhdx(Chain::open(path, &chain.options(false))?)),
+            "vhdx" => {
+                let options = ChainOptions {
+                    direct,
+                    ..chain.options(false)
+                };
+                Ok(Input::Vhdx(Chain::open(path, &options)?))
+            }
+            "raw" if direct => Err("-T none applies to a vhdx input only".into()),
             "raw" => {
                 let file =
                     File::open(path).map_err(|e| format!("cannot open {}: {e}", path.display()))?;
@@ -162,7 +178,8 @@ pub fn run(args: ConvertArgs) -> CliResult<ExitCode> {
     if !args.options.is_empty() && args.output_format != "vhdx" {
         return Err("-o options apply only to -O vhdx".into());
     }
-    let input = Input::open(&args.input, args.format.as_deref(), &args.chain)?;
+    let direct = args.src_cache.is_some_and(CacheMode::direct);
+    let input = Input::open(&args.input, args.format.as_deref(), &args.chain, direct)?;
     for layer in std::iter::once(args.input.clone()).chain(input.layers()) {
         if same_file(&layer, &args.output) {
             return Err(format!(

@@ -11,8 +11,8 @@ use std::time::Instant;
 
 use super::info::human_size;
 use super::options::parse_size;
-use super::{check_format, ChainArgs, CliResult};
-use crate::vhdx::Chain;
+use super::{check_format, CacheMode, ChainArgs, CliResult};
+use crate::vhdx::{Chain, ChainOptions};
 
 /// Data moves in pieces of this size, so a large LEN does not need a buffer that large.
 const PIECE: u64 = 4 << 20;
@@ -31,6 +31,10 @@ pub struct IoArgs {
     /// Print nothing but errors.
     #[arg(short = 'q')]
     pub quiet: bool,
+    /// The host page cache, as qemu-io's `-t`: none (O_DIRECT), writeback, writethrough (a
+    /// flush after every command that changes the image).
+    #[arg(short = 't', long = "cache", value_enum, default_value_t = CacheMode::Writeback)]
+    pub cache: CacheMode,
     #[command(flatten)]
     pub chain: ChainArgs,
     pub file: PathBuf,
@@ -219,10 +223,21 @@ pub fn run(args: IoArgs) -> CliResult<ExitCode> {
         .iter()
         .map(|c| parse_command(c))
         .collect::<Result<Vec<_>, _>>()?;
-    let chain = Chain::open(&args.file, &args.chain.options(!args.read_only))?;
+    let options = ChainOptions {
+        direct: args.cache.direct(),
+        ..args.chain.options(!args.read_only)
+    };
+    let chain = Chain::open(&args.file, &options)?;
     let mut all_matched = true;
     for cmd in &commands {
-        match execute(&chain, cmd, args.quiet) {
+        let through =
+            args.cache == CacheMode::Writethrough && !matches!(cmd, IoCommand::Read { .. });
+        match execute(&chain, cmd, args.quiet).and_then(|m| {
+            if through {
+                chain.flush()?;
+            }
+            Ok(m)
+        }) {
             Ok(m) => all_matched &= m,
             Err(e) => {
                 // The commands before this one are kept: close cleanly, then report.

@@ -64,6 +64,26 @@ pub enum OutputFormat {
     Json,
 }
 
+/// How image files use the host page cache, named as QEMU names its `cache=` modes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Default)]
+pub enum CacheMode {
+    /// O_DIRECT: no host page cache (the guest's own cache is its only one); writes complete
+    /// when they reach the disk's write cache, and FLUSH makes them durable.
+    None,
+    /// The host page cache holds reads and writes; FLUSH makes writes durable.
+    #[default]
+    Writeback,
+    /// The host page cache, and every write is flushed before it completes.
+    Writethrough,
+}
+
+impl CacheMode {
+    /// Whether files are opened with O_DIRECT.
+    pub fn direct(self) -> bool {
+        self == CacheMode::None
+    }
+}
+
 /// Options shared by the commands that open an existing chain.
 #[derive(clap::Args, Debug, Clone, Default)]
 pub struct ChainArgs {
@@ -79,6 +99,7 @@ impl ChainArgs {
             writable,
             parent_overrides: self.parents.clone(),
             force_share: false,
+            direct: false,
         }
     }
 }

@@ -7,13 +7,14 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::{ChainArgs, CliResult};
+use super::{CacheMode, ChainArgs, CliResult};
 use crate::backend::{
     default_helper_threads, BlockDevice, DeviceOptions, DEFAULT_NUM_QUEUES, DEFAULT_QUEUE_SIZE,
 };
 use crate::daemon::{self, Socket};
+use crate::io::AioChoice;
 use crate::sandbox::{self, SeccompMode};
-use crate::vhdx::Chain;
+use crate::vhdx::{Chain, ChainOptions};
 
 #[derive(clap::Args, Debug)]
 pub struct ServeArgs {
@@ -38,9 +39,17 @@ pub struct ServeArgs {
     /// The disk's serial (GET_ID, at most 20 bytes); default: from the VHDX virtual disk id.
     #[arg(long)]
     pub serial: Option<String>,
-    /// Start with a write-through cache: every write is flushed before it completes.
-    #[arg(long)]
+    /// The host page cache: `none` (O_DIRECT, the production setting), `writeback` or
+    /// `writethrough` (every write flushed before it completes).
+    #[arg(long, value_enum, default_value_t = CacheMode::Writeback)]
+    pub cache: CacheMode,
+    /// Same as `--cache writethrough`.
+    #[arg(long, conflicts_with = "cache")]
     pub writethrough: bool,
+    /// How data I/O runs: `io_uring`, or `threads` (a worker pool); default: io_uring where
+    /// the kernel allows it.
+    #[arg(long, value_enum)]
+    pub aio: Option<AioChoice>,
     /// Threads that help a queue with large reads (default: one per core beyond the first;
     /// 0: each queue is served by its own thread alone).
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(0..=256))]
@@ -110,7 +119,22 @@ pub fn run(args: ServeArgs) -> CliResult<ExitCode> {
     };
     // The whole chain is opened (and locked) before serving: nothing is opened later, so a
     // sandbox can be put in place after this point.
-    let chain = Chain::open(&image, &args.chain.options(!args.read_only))?;
+    let chain_options = ChainOptions {
+        direct: args.cache.direct(),
+        ..args.chain.options(!args.read_only)
+    };
+    let chain = Chain::open(&image, &chain_options)?;
+    if let Some(d) = chain.leaf().storage().direct() {
+        let a = d.align();
+        log::info!(
+            "--cache none: O_DIRECT, buffers aligned to {} bytes and file offsets to {} (else bounced)",
+            a.mem,
+            a.offset
+        );
+    }
+    // Probed once here, so that the log names the choice and a forced io_uring that cannot
+    // work fails before serving.
+    let aio = crate::io::choose(args.aio)?;
     let serial = args.serial.clone().unwrap_or_else(|| {
         chain
             .leaf()
@@ -128,7 +152,8 @@ pub fn run(args: ServeArgs) -> CliResult<ExitCode> {
         num_queues: usize::from(args.num_queues),
         queue_size: args.queue_size,
         serial,
-        writethrough: args.writethrough,
+        writethrough: args.writethrough || args.cache == CacheMode::Writethrough,
+        aio: Some(aio),
         // Counted before the sandbox: the cgroup's CPU quota is read from /sys.
         helper_threads: args
             .helper_threads
@@ -136,8 +161,8 @@ pub fn run(args: ServeArgs) -> CliResult<ExitCode> {
     };
     let listener = daemon::listen(&socket)?;
     // Every file is open and the socket listens: confine the process before it starts a
-    // thread (the helpers below, the signal and queue threads in `daemon::serve`) or reads a
-    // message.
+    // thread (the helpers below, the signal and queue threads in `daemon::serve`, the I/O
+    // workers) or reads a message.
     sandbox::enter(&sandbox)?;
     let device = Arc::new(BlockDevice::new(Arc::clone(&chain), options)?);
     log::info!(

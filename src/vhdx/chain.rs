@@ -9,6 +9,7 @@ use super::buffers::{ReadTarget, WriteSource};
 use super::error::{ChainError, Error, Result};
 use super::file::{Source, VhdxFile};
 use super::locator::{self, ParentLocator};
+use super::write::WritePlan;
 
 /// The deepest chain we open; real chains (Hyper-V checkpoints) are far shallower.
 pub const MAX_CHAIN_DEPTH: usize = 64;
@@ -22,6 +23,8 @@ pub struct ChainOptions {
     pub parent_overrides: Vec<PathBuf>,
     /// Read without taking or honouring locks (qemu-img's `-U`); only for read-only opens.
     pub force_share: bool,
+    /// Open every file of the chain with O_DIRECT (`--cache none`).
+    pub direct: bool,
 }
 
 /// Where a run of the virtual disk is read from.
@@ -54,9 +57,9 @@ impl Chain {
     pub fn open(path: &Path, options: &ChainOptions) -> Result<Chain> {
         let open = |p: &Path, writable: bool| {
             if options.force_share && !writable {
-                VhdxFile::open_shared(p)
+                VhdxFile::open_shared(p, options.direct)
             } else {
-                VhdxFile::open(p, writable)
+                VhdxFile::open_with(p, writable, options.direct)
             }
             .map_err(|e| open_error(p, e))
         };
@@ -82,8 +85,8 @@ impl Chain {
             if seen.contains(&key) {
                 return Err(ChainError::Loop(parent_path).into());
             }
-            let parent =
-                VhdxFile::open(&parent_path, false).map_err(|e| open_error(&parent_path, e))?;
+            let parent = VhdxFile::open_with(&parent_path, false, options.direct)
+                .map_err(|e| open_error(&parent_path, e))?;
             check_parent(child, locator, &parent)?;
             seen.push(key);
             layers.push(parent);
@@ -221,6 +224,20 @@ impl Chain {
     pub fn write(&self, offset: u64, src: &dyn WriteSource) -> Result<()> {
         self.check_range(offset, src.len() as u64)?;
         self.leaf().write(offset, src)
+    }
+
+    /// The fast path of an asynchronous write: where the bytes of `[offset, offset + len)` go
+    /// in the leaf (layer 0) when every block it touches is already FULLY_PRESENT, with a guard
+    /// that keeps those blocks in place until it is dropped after the write completes. `None`:
+    /// the write needs a metadata change; run it with [`Chain::write`].
+    pub fn plan_write(&self, offset: u64, len: u64) -> Result<Option<WritePlan>> {
+        self.check_range(offset, len)?;
+        self.leaf().plan_write(offset, len)
+    }
+
+    /// A planned write failed (see [`VhdxFile::data_write_failed`]).
+    pub fn data_write_failed(&self, e: &std::io::Error) {
+        self.leaf().data_write_failed(e)
     }
 
     /// Gives back whole blocks inside the range; they read as zeros afterwards. Partial blocks

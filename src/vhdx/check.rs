@@ -77,7 +77,7 @@ pub fn check(path: &Path, repair: Repair, parent_overrides: &[PathBuf]) -> Check
     // GUID it already set, and a parent in the middle of a commit must keep the one its child
     // accepts (parent_linkage2).
     let opened = if open_writable {
-        VhdxFile::open_with(path, DataWriteGuid::Keep)
+        VhdxFile::open_with_guid(path, DataWriteGuid::Keep)
     } else {
         VhdxFile::open(path, false)
     };
@@ -107,7 +107,7 @@ pub fn check(path: &Path, repair: Repair, parent_overrides: &[PathBuf]) -> Check
         let options = ChainOptions {
             writable: false,
             parent_overrides: parent_overrides.to_vec(),
-            force_share: false,
+            ..Default::default()
         };
         match Chain::open(path, &options) {
             Ok(chain) => {

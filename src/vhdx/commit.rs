@@ -211,6 +211,7 @@ pub fn commit_files(
             writable: false,
             parent_overrides: parent_overrides.to_vec(),
             force_share: false,
+            direct: false,
         },
     )?;
     let paths: Vec<PathBuf> = chain
@@ -260,12 +261,12 @@ pub fn commit_files(
 
     let upper = paths[..k]
         .iter()
-        .map(|p| VhdxFile::open_with(p, DataWriteGuid::Keep))
+        .map(|p| VhdxFile::open_with_guid(p, DataWriteGuid::Keep))
         .collect::<Result<Vec<_>>>()?;
     let target_path = paths[k].clone();
     let open_target = |g: Option<Uuid>| match g {
         None => VhdxFile::open(&target_path, false),
-        Some(g) => VhdxFile::open_with(&target_path, DataWriteGuid::Set(g)),
+        Some(g) => VhdxFile::open_with_guid(&target_path, DataWriteGuid::Set(g)),
     };
     let lower = paths[k + 1..]
         .iter()
@@ -333,7 +334,7 @@ fn other_children(chain: &Chain, first: usize, k: usize) -> Result<Vec<(PathBuf,
                 continue;
             }
             // Unreadable or not a differencing VHDX: not a child we can see.
-            let Ok(f) = VhdxFile::open_shared(&path) else {
+            let Ok(f) = VhdxFile::open_shared(&path, false) else {
                 continue;
             };
             let Some(loc) = f.metadata.parent_locator.as_ref() else {

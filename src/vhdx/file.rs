@@ -10,6 +10,7 @@ use uuid::Uuid;
 use super::bat::{Bat, Geometry, Occupied};
 use super::bitmap;
 use super::buffers::WriteSource;
+use super::direct::{open_direct, DirectFile};
 use super::error::{Corruption, Error, Result};
 use super::format::*;
 use super::header::{self, Headers};
@@ -17,7 +18,7 @@ use super::log::{self, ReplayPlan};
 use super::metadata::{self, Metadata};
 use super::region::{self, RegionTable};
 use super::storage::{OverlayStorage, Storage};
-use super::write::{Writer, WriterParts};
+use super::write::{WritePlan, Writer, WriterParts};
 
 /// Where the bytes of a run of a file's virtual disk come from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -80,35 +81,42 @@ impl VhdxFile {
     /// Opens the file at `path`, read-only or read-write, and locks it the way QEMU does: a
     /// writer excludes every other user, a reader excludes writers.
     pub fn open(path: &Path, writable: bool) -> Result<VhdxFile> {
-        Self::open_file(path, writable, true)
+        Self::open_file(path, writable, true, false)
+    }
+
+    /// [`VhdxFile::open`], with O_DIRECT when `direct` (`--cache none`).
+    pub fn open_with(path: &Path, writable: bool, direct: bool) -> Result<VhdxFile> {
+        Self::open_file(path, writable, true, direct)
     }
 
     /// Opens read-only without taking or honouring locks (qemu-img's `-U`): for looking at an
     /// image that a running backend owns. What it reads may be stale.
-    pub fn open_shared(path: &Path) -> Result<VhdxFile> {
-        Self::open_file(path, false, false)
+    pub fn open_shared(path: &Path, direct: bool) -> Result<VhdxFile> {
+        Self::open_file(path, false, false, direct)
     }
 
     /// Opens writable, treating DataWriteGuid as `guid` says (see [`DataWriteGuid`]).
-    pub fn open_with(path: &Path, guid: DataWriteGuid) -> Result<VhdxFile> {
-        Self::open_file_with(path, true, true, guid)
+    pub fn open_with_guid(path: &Path, guid: DataWriteGuid) -> Result<VhdxFile> {
+        Self::open_file_with(path, true, true, false, guid)
     }
 
-    fn open_file(path: &Path, writable: bool, lock: bool) -> Result<VhdxFile> {
-        Self::open_file_with(path, writable, lock, DataWriteGuid::New)
+    fn open_file(path: &Path, writable: bool, lock: bool, direct: bool) -> Result<VhdxFile> {
+        Self::open_file_with(path, writable, lock, direct, DataWriteGuid::New)
     }
 
     fn open_file_with(
         path: &Path,
         writable: bool,
         lock: bool,
+        direct: bool,
         guid: DataWriteGuid,
     ) -> Result<VhdxFile> {
-        let file: File = OpenOptions::new()
-            .read(true)
-            .write(writable)
-            .open(path)
-            .map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
+        let opened = if direct {
+            open_direct(path, writable)
+        } else {
+            OpenOptions::new().read(true).write(writable).open(path)
+        };
+        let file: File = opened.map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
         // A directory opens read-only and has a size: without this it was reported as a
         // "file too small" corruption.
         if file.metadata().is_ok_and(|m| m.is_dir()) {
@@ -121,7 +129,12 @@ impl VhdxFile {
             super::lock::lock_image(&file, writable)
                 .map_err(|e| Error::Locked(format!("{}: {e}", path.display())))?;
         }
-        Self::open_storage_with(Arc::new(file), path.to_path_buf(), writable, guid)
+        let storage: Arc<dyn Storage> = if direct {
+            Arc::new(DirectFile::new(file))
+        } else {
+            Arc::new(file)
+        };
+        Self::open_storage_with(storage, path.to_path_buf(), writable, guid)
     }
 
     /// Opens a VHDX held by any [`Storage`]; `path` is used for messages and to find parents.
@@ -304,6 +317,18 @@ impl VhdxFile {
     /// Writes at a virtual offset (sector-aligned, inside the disk: the chain checks).
     pub fn write(&self, offset: u64, src: &dyn WriteSource) -> Result<()> {
         self.writer()?.write(offset, src)
+    }
+
+    /// Where a write's bytes go when it changes no metadata (see [`Writer::plan_write`]).
+    pub fn plan_write(&self, offset: u64, len: u64) -> Result<Option<WritePlan>> {
+        self.writer()?.plan_write(offset, len)
+    }
+
+    /// A planned write failed: the file is poisoned, as after a failed synchronous write.
+    pub fn data_write_failed(&self, e: &std::io::Error) {
+        if let Some(w) = &self.writer {
+            w.data_write_failed(e);
+        }
     }
 
     /// Discards (`zero == false`) or zeroes a virtual range.

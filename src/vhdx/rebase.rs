@@ -200,7 +200,7 @@ fn place(
 /// either way, or the chain would not open. The child's own DataWriteGuid is kept, so its own
 /// children stay valid.
 pub fn rebase(child_path: &Path, new_parent: &Path, force: bool) -> Result<()> {
-    let mut child = VhdxFile::open_with(child_path, DataWriteGuid::Keep)?;
+    let mut child = VhdxFile::open_with_guid(child_path, DataWriteGuid::Keep)?;
     let parent = VhdxFile::open(new_parent, false)?;
     let old = child.metadata.parent_locator.clone().ok_or_else(|| {
         Error::InvalidArgument(format!(

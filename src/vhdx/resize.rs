@@ -402,7 +402,7 @@ fn find_child(file: &VhdxFile) -> Result<Option<PathBuf>> {
         if me.is_some() && std::fs::canonicalize(&path).ok() == me {
             continue;
         }
-        let Ok(other) = VhdxFile::open_shared(&path) else {
+        let Ok(other) = VhdxFile::open_shared(&path, false) else {
             continue;
         };
         if let Some(locator) = &other.metadata.parent_locator {

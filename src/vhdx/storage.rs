@@ -3,7 +3,8 @@
 //! The engine never touches `std::fs::File` directly: it goes through [`Storage`], so that tests
 //! can put a recording or crash-simulating layer underneath, a read-only open of a file with a
 //! dirty log can put the replayed log pages over the file ([`OverlayStorage`]), and the backend
-//! can reach the underlying file for vectored I/O into guest memory.
+//! can reach the underlying file for vectored I/O into guest memory. With `--cache none` the
+//! file is a [`DirectFile`] (O_DIRECT), which aligns what the engine reads and writes.
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -12,6 +13,8 @@ use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 
 use nix::fcntl::{fallocate, FallocateFlags};
+
+use super::direct::DirectFile;
 
 /// Positioned I/O on a file-like object. All methods take `&self` so that queues can use the
 /// same file from several threads without a shared file offset.
@@ -40,6 +43,11 @@ pub trait Storage: Send + Sync {
     fn as_file(&self) -> Option<&File> {
         None
     }
+    /// The O_DIRECT file under this storage (`--cache none`), whose payload data may be moved
+    /// directly only in aligned pieces.
+    fn direct(&self) -> Option<&DirectFile> {
+        None
+    }
 }
 
 /// Writes zeros in 1 MiB pieces: the portable way to zero a range.
@@ -62,7 +70,12 @@ pub fn write_zeroes_by_writing<S: Storage + ?Sized>(
 /// `fallocate(mode | FALLOC_FL_KEEP_SIZE)` of `[offset, offset + len)` if that range is not
 /// empty and lies inside the file. `Ok(false)` when it was not tried or the filesystem refused
 /// it: the caller then writes instead.
-fn fallocate_inside(file: &File, mode: FallocateFlags, offset: u64, len: u64) -> io::Result<bool> {
+pub(crate) fn fallocate_inside(
+    file: &File,
+    mode: FallocateFlags,
+    offset: u64,
+    len: u64,
+) -> io::Result<bool> {
     if len == 0 || offset.saturating_add(len) > Storage::len(file)? {
         return Ok(false);
     }
@@ -157,6 +170,9 @@ impl<S: Storage + ?Sized> Storage for Arc<S> {
     }
     fn as_file(&self) -> Option<&File> {
         (**self).as_file()
+    }
+    fn direct(&self) -> Option<&DirectFile> {
+        (**self).direct()
     }
 }
 

@@ -18,11 +18,18 @@
 //! allocated block take the read side, so queues write different (or the same) allocated blocks
 //! in parallel; state changes (allocation, trim) take the write side, so two writers allocate a
 //! block once and a trim never frees space a write is still landing in.
+//!
+//! Asynchronous writes ([`Writer::plan_write`]) run after the call returns, so they cannot hold a
+//! stripe lock: their blocks are counted in [`InFlightBlocks`] until the [`WriteGuard`] drops,
+//! and a trim waits for its block's count to reach zero (without holding the stripe lock, so
+//! the thread that will complete those writes is never blocked by the trim).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock, RwLock};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, RwLock, RwLockWriteGuard};
+
+use smallvec::SmallVec;
 
 use uuid::Uuid;
 
@@ -91,6 +98,96 @@ impl PageSource for MetadataPages {
     }
 }
 
+/// Blocks with asynchronous writes in flight ([`Writer::plan_write`]).
+#[derive(Default)]
+pub struct InFlightBlocks {
+    blocks: Mutex<HashMap<u64, BlockUse>>,
+    changed: Condvar,
+}
+
+#[derive(Default)]
+struct BlockUse {
+    writes: u32,
+    /// Trims waiting for `writes` to reach zero: no new write is planned on the block meanwhile.
+    trims_waiting: u32,
+}
+
+impl InFlightBlocks {
+    fn lock(&self) -> MutexGuard<'_, HashMap<u64, BlockUse>> {
+        locked(&self.blocks)
+    }
+
+    /// Counts one more write on `block`, unless a trim is waiting for it.
+    fn try_add(&self, block: u64) -> bool {
+        let mut blocks = self.lock();
+        let u = blocks.entry(block).or_default();
+        if u.trims_waiting > 0 {
+            return false;
+        }
+        u.writes += 1;
+        true
+    }
+
+    fn remove(&self, block: u64) {
+        let mut blocks = self.lock();
+        if let Some(u) = blocks.get_mut(&block) {
+            u.writes -= 1;
+            if u.writes == 0 && u.trims_waiting == 0 {
+                blocks.remove(&block);
+            }
+        }
+        drop(blocks);
+        self.changed.notify_all();
+    }
+
+    fn writes(&self, block: u64) -> u32 {
+        self.lock().get(&block).map_or(0, |u| u.writes)
+    }
+
+    /// Announces a trim of `block` and waits until no write is in flight on it.
+    fn wait_idle(&self, block: u64) {
+        let mut blocks = self.lock();
+        blocks.entry(block).or_default().trims_waiting += 1;
+        while blocks.get(&block).is_some_and(|u| u.writes > 0) {
+            blocks = self.changed.wait(blocks).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
+    /// The trim announced by `wait_idle` is done waiting.
+    fn trim_started(&self, block: u64) {
+        let mut blocks = self.lock();
+        if let Some(u) = blocks.get_mut(&block) {
+            u.trims_waiting -= 1;
+            if u.writes == 0 && u.trims_waiting == 0 {
+                blocks.remove(&block);
+            }
+        }
+    }
+}
+
+/// Keeps the blocks of a planned write from being trimmed, freed or reused until dropped (once
+/// the write has completed). `Send`, so it can wait in an in-flight slot.
+pub struct WriteGuard {
+    inflight: Arc<InFlightBlocks>,
+    blocks: SmallVec<[u64; 2]>,
+}
+
+impl Drop for WriteGuard {
+    fn drop(&mut self) {
+        for &b in &self.blocks {
+            self.inflight.remove(b);
+        }
+    }
+}
+
+/// Where a write's bytes go when no metadata changes: runs of `(file offset, length)` in the
+/// leaf file, in request order, adjacent runs merged. The guard must live until the data I/O
+/// has completed.
+pub struct WritePlan {
+    pub extents: SmallVec<[(u64, u64); 4]>,
+    pub guard: WriteGuard,
+}
+
 /// State that exists once the session's first change has been made.
 struct Session {
     wal: Wal,
@@ -111,6 +208,7 @@ pub struct Writer {
     used_at_open: Vec<(u64, u64)>,
     headers: Mutex<Headers>,
     stripes: Vec<RwLock<()>>,
+    inflight: Arc<InFlightBlocks>,
     bitmap_alloc: Mutex<()>,
     session_init: Mutex<()>,
     session: OnceLock<Session>,
@@ -155,6 +253,7 @@ impl Writer {
             used_at_open: p.used,
             headers: Mutex::new(p.headers),
             stripes: (0..STRIPES).map(|_| RwLock::new(())).collect(),
+            inflight: Arc::default(),
             bitmap_alloc: Mutex::new(()),
             session_init: Mutex::new(()),
             session: OnceLock::new(),
@@ -398,6 +497,78 @@ impl Writer {
         Ok(())
     }
 
+    /// The fast path of an asynchronous write of `[offset, offset + len)` (checked by the
+    /// caller: sector-aligned, inside the disk): where its bytes go when every block it touches
+    /// is already FULLY_PRESENT, so that writing them changes no metadata. `None` when any block
+    /// needs the engine (first touch, partial blocks of a differencing file, a trim waiting):
+    /// then [`Writer::write`] does it with every ordering rule.
+    ///
+    /// A thread must not trim a block while it holds a guard on it (the trim would wait for
+    /// itself): a queue completes its own writes in flight before it runs a discard.
+    pub fn plan_write(&self, offset: u64, len: u64) -> Result<Option<WritePlan>> {
+        self.check_poison()?;
+        // Rule 1: the session's new GUIDs are durable before the first byte changes.
+        self.session()?;
+        let bs = u64::from(self.geometry.block_size);
+        let mut guard = WriteGuard {
+            inflight: Arc::clone(&self.inflight),
+            blocks: SmallVec::new(),
+        };
+        let mut extents: SmallVec<[(u64, u64); 4]> = SmallVec::new();
+        let end = offset + len;
+        let mut pos = offset;
+        while pos < end {
+            let block = pos / bs;
+            let in_block = pos % bs;
+            let n = (bs - in_block).min(end - pos);
+            let _shared = self.stripe(block).read().unwrap_or_else(|e| e.into_inner());
+            let (state, entry) = self.bat.payload(block);
+            if state != PayloadBlockState::FullyPresent || !self.inflight.try_add(block) {
+                return Ok(None); // the guard gives back the blocks counted so far
+            }
+            guard.blocks.push(block);
+            let at = entry.file_offset() + in_block;
+            match extents.last_mut() {
+                Some((o, l)) if *o + *l == at => *l += n,
+                _ => extents.push((at, n)),
+            }
+            pos += n;
+        }
+        Ok(Some(WritePlan { extents, guard }))
+    }
+
+    /// An asynchronous write of a plan failed: like a failed synchronous write, the file is
+    /// poisoned (what the disk holds is no longer known).
+    pub fn data_write_failed(&self, e: &io::Error) {
+        self.poison(format!("writing data: {e}"));
+    }
+
+    /// The stripe's write lock for a change of `block`'s state, once no planned write is in
+    /// flight on the block. Waits without the lock, so that whoever completes those writes is
+    /// never blocked by this trim.
+    fn exclusive_without_writes(&self, block: u64) -> RwLockWriteGuard<'_, ()> {
+        let lock = || {
+            self.stripe(block)
+                .write()
+                .unwrap_or_else(|e| e.into_inner())
+        };
+        let exclusive = lock();
+        if self.inflight.writes(block) == 0 {
+            return exclusive;
+        }
+        drop(exclusive);
+        loop {
+            self.inflight.wait_idle(block);
+            let exclusive = lock();
+            // No write can have been planned since: a trim was waiting.
+            if self.inflight.writes(block) == 0 {
+                self.inflight.trim_started(block);
+                return exclusive;
+            }
+            self.inflight.trim_started(block);
+        }
+    }
+
     /// Writes `src` at virtual `offset` (checked by the caller: sector-aligned, inside the disk).
     pub fn write(&self, offset: u64, src: &dyn WriteSource) -> Result<()> {
         self.check_poison()?;
@@ -530,10 +701,7 @@ impl Writer {
 
     fn trim_block(&self, s: &Session, block: u64, zero: bool) -> Result<()> {
         let bs = u64::from(self.geometry.block_size);
-        let _exclusive = self
-            .stripe(block)
-            .write()
-            .unwrap_or_else(|e| e.into_inner());
+        let _exclusive = self.exclusive_without_writes(block);
         let (state, entry) = self.bat.payload(block);
         if self.fixed {
             // A fixed file keeps every block allocated: zero in place.
@@ -720,5 +888,137 @@ impl Writer {
             locked(&s.space).release(entry.file_offset(), bs, generation);
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+    use std::sync::mpsc;
+    use std::time::Duration;
+
+    use super::*;
+    use crate::vhdx::create::{create, CreateOptions};
+    use crate::vhdx::{Chain, ChainOptions, ReadSource};
+
+    const MIB: u64 = 1 << 20;
+
+    /// 80 MiB in 1 MiB blocks: blocks 0 and 64 share a lock stripe.
+    fn new_file(path: &Path, parent: Option<&Path>) {
+        let opts = CreateOptions {
+            virtual_size: Some(80 * MIB),
+            block_size: Some(MIB as u32),
+            parent: parent.map(Path::to_path_buf),
+            ..Default::default()
+        };
+        create(path, &opts).unwrap();
+    }
+
+    fn open(path: &Path) -> Chain {
+        let options = ChainOptions {
+            writable: true,
+            ..Default::default()
+        };
+        Chain::open(path, &options).unwrap()
+    }
+
+    fn assert_send<T: Send>(_: &T) {}
+
+    #[test]
+    fn plan_write_only_for_blocks_that_need_no_metadata() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = dir.path().join("base.vhdx");
+        new_file(&base, None);
+        let chain = open(&base);
+        // Nothing allocated yet: every write needs the engine.
+        assert!(chain.plan_write(0, 4096).unwrap().is_none());
+        // Blocks 0 and 1 allocated by whole-block writes; block 3 written in part (a dynamic
+        // file fills the rest with zeros: FULLY_PRESENT too).
+        chain.write_at(&vec![1u8; 2 * MIB as usize], 0).unwrap();
+        chain.write_at(&[3u8; 512], 3 * MIB + 512).unwrap();
+        let plan = chain
+            .plan_write(MIB - 4096, 8192)
+            .unwrap()
+            .expect("both blocks present");
+        assert_send(&plan.guard);
+        // Two blocks, two runs or one merged run, covering the 8 KiB in order.
+        let total: u64 = plan.extents.iter().map(|e| e.1).sum();
+        assert_eq!(total, 8192);
+        let mut resolved = crate::vhdx::Extents::new();
+        chain.resolve(MIB - 4096, 4096, &mut resolved).unwrap();
+        assert_eq!(
+            resolved[0].source,
+            ReadSource::File {
+                layer: 0,
+                offset: plan.extents[0].0
+            }
+        );
+        drop(plan);
+        assert!(chain.plan_write(3 * MIB, 4096).unwrap().is_some());
+        // Block 2 is not allocated: a range over blocks 1..=2 is refused, and the guard taken
+        // on block 1 is given back (a trim of block 1 does not wait).
+        assert!(chain.plan_write(2 * MIB - 4096, 8192).unwrap().is_none());
+        chain.discard(MIB, MIB).unwrap();
+        assert!(chain.plan_write(MIB, 4096).unwrap().is_none(), "trimmed");
+        // Out of range and misaligned requests are errors, as for write.
+        assert!(chain.plan_write(80 * MIB, 512).is_err());
+        assert!(chain.plan_write(100, 512).is_err());
+        chain.close().unwrap();
+
+        // A differencing child: a partial write leaves the block PARTIALLY_PRESENT, which needs
+        // bitmap changes on every write; a whole-block write makes it FULLY_PRESENT.
+        let child = dir.path().join("child.vhdx");
+        new_file(&child, Some(&base));
+        let chain = open(&child);
+        chain.write_at(&[5u8; 4096], 0).unwrap();
+        assert!(
+            chain.plan_write(0, 4096).unwrap().is_none(),
+            "partial block"
+        );
+        chain.write_at(&vec![6u8; MIB as usize], 4 * MIB).unwrap();
+        assert!(chain.plan_write(4 * MIB + 512, 512).unwrap().is_some());
+        chain.close().unwrap();
+    }
+
+    #[test]
+    fn a_trim_waits_for_a_planned_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("d.vhdx");
+        new_file(&path, None);
+        let chain = Arc::new(open(&path));
+        chain.write_at(&vec![1u8; 2 * MIB as usize], 0).unwrap();
+        let plan = chain.plan_write(4096, 4096).unwrap().unwrap();
+        let (tx, rx) = mpsc::channel();
+        let trimmer = {
+            let chain = Arc::clone(&chain);
+            std::thread::spawn(move || {
+                chain.discard(0, MIB).unwrap();
+                tx.send(()).unwrap();
+            })
+        };
+        assert!(
+            rx.recv_timeout(Duration::from_millis(200)).is_err(),
+            "the trim went ahead of a write in flight"
+        );
+        // Meanwhile the trim's lock stripe is not held: block 64 (same stripe as block 0) is
+        // allocated and written (the thread that completes the write in flight could be the
+        // one doing this), and a new plan for the block being trimmed is refused (it goes to
+        // the engine, and waits there).
+        chain.write_at(&[2u8; 512], 64 * MIB).unwrap();
+        assert!(chain.plan_write(64 * MIB, 512).unwrap().is_some());
+        assert!(chain.plan_write(0, 512).unwrap().is_none());
+        // The write "completes": the trim runs.
+        drop(plan);
+        rx.recv_timeout(Duration::from_secs(10))
+            .expect("the trim ran once the guard was dropped");
+        trimmer.join().unwrap();
+        assert!(
+            chain.plan_write(0, 512).unwrap().is_none(),
+            "block 0 trimmed"
+        );
+        let mut buf = [9u8; 512];
+        chain.read_at(&mut buf, 4096).unwrap();
+        assert_eq!(buf, [0u8; 512]);
+        Arc::try_unwrap(chain).ok().unwrap().close().unwrap();
     }
 }

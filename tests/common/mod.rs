@@ -38,6 +38,45 @@ pub fn tempdir(prefix: &str) -> tempfile::TempDir {
         .unwrap_or_else(|e| panic!("cannot create a temporary directory: {e}"))
 }
 
+/// A temporary directory on a filesystem that takes O_DIRECT, for `--cache none`: the system's
+/// temporary directory when it does (tmpfs did not before Linux 6.6), else one on the build
+/// directory's filesystem. Panics when neither does: a `--cache none` test never passes
+/// without having run.
+pub fn direct_io_tempdir(prefix: &str) -> tempfile::TempDir {
+    use std::os::unix::fs::OpenOptionsExt;
+    let takes_o_direct = |dir: &Path| {
+        let probe = dir.join("o_direct-probe");
+        let ok = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .custom_flags(nix::fcntl::OFlag::O_DIRECT.bits())
+            .open(&probe)
+            .is_ok();
+        let _ = std::fs::remove_file(&probe);
+        ok
+    };
+    let dir = tempdir(prefix);
+    if takes_o_direct(dir.path()) {
+        return dir;
+    }
+    let build = Path::new(env!("CARGO_TARGET_TMPDIR"));
+    eprintln!(
+        "{} does not take O_DIRECT: using {} for --cache none",
+        dir.path().display(),
+        build.display()
+    );
+    let dir = tempfile::Builder::new()
+        .prefix(&format!("vhdx-test-{prefix}"))
+        .tempdir_in(build)
+        .unwrap_or_else(|e| panic!("cannot create a temporary directory: {e}"));
+    assert!(
+        takes_o_direct(dir.path()),
+        "neither the temporary directory nor the build directory takes O_DIRECT"
+    );
+    dir
+}
+
 /// A path as `&str`, for argument lists; panics if it is not UTF-8.
 pub fn s(path: &Path) -> &str {
     path.to_str()
