@@ -12,8 +12,11 @@
 //! Each table says, line by line, who needs a call. When a change needs a new system call, add
 //! it to the table of the threads that make it (and to `tests/sandbox.rs` if it matters): a
 //! call outside the tables stops the process with a log line naming it (see [`on_sigsys`]).
-//! Nothing is listed for work that is not there yet: io_uring or `preadv2` for real disks will
-//! add their calls with their code.
+//! Nothing is listed for work that is not there yet. `src/io/` runs nothing after entry today
+//! (its io_uring probe runs before it); when the queue threads use it, the queue and helper
+//! tables need `io_uring_setup`, `io_uring_enter` and `io_uring_register` (a ring per queue
+//! thread, its eventfd registered), and the thread pool's workers (`vhdx-aio`, started by
+//! whichever thread submits) a kind of their own with STORAGE.
 //!
 //! Two more filters turn calls into errors instead of a stop: opening, creating or removing a
 //! path fails with EACCES (what Landlock says too; libraries try such things and cope, and the
