@@ -97,6 +97,11 @@ impl BlockDevice {
     pub fn new(chain: Arc<Chain>, options: DeviceOptions) -> io::Result<BlockDevice> {
         let lss = chain.logical_sector_size();
         let leaf = chain.leaf();
+        // The guest never learns that this process was killed and restarted, so what it saw
+        // complete must survive that: a request that changed metadata (a first write to a
+        // block, a discard) completes only once the change is in the log on the file, which
+        // the next open replays. Data itself is in the page cache already.
+        leaf.wait_for_metadata(true);
         let pss = leaf.metadata.physical_sector_size.max(lss);
         let block = leaf.metadata.block_size;
         let block_sectors = block >> virtio_blk::SECTOR_SHIFT;
