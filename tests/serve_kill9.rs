@@ -185,5 +185,51 @@ fn completed_metadata_changes_of_a_differencing_file_survive_a_sigkill() {
     // Our in-memory replay reads the same.
     let ours_raw = d.join("ours.raw");
     ours_ok(&["convert", "-q", s(&child), s(&ours_raw)]);
-    assert_files_equal(&raw, &ours_raw, "libvhdi after our replay, and our in-memory replay");
+    assert_files_equal(
+        &raw,
+        &ours_raw,
+        "libvhdi after our replay, and our in-memory replay",
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// The engine's mode, directly
+
+/// What a process that opened the file now would read (an in-memory replay of its log).
+fn as_a_restart_reads(image: &Path, offset: u64, len: usize) -> Vec<u8> {
+    let chain = vhost_user_vhdx::vhdx::Chain::open(
+        image,
+        &vhost_user_vhdx::vhdx::ChainOptions {
+            force_share: true,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let mut buf = vec![0xee; len];
+    chain.read_at(&mut buf, offset).unwrap();
+    buf
+}
+
+/// A write that changes no metadata itself but lands in a block whose allocation is not
+/// durable yet (another queue's write, still waiting for its commit) relies on that
+/// allocation: in the mode, it returns only once the allocation is in the log.
+#[test]
+fn a_write_relying_on_a_pending_allocation_waits_for_it() {
+    let dir = tempdir("wait-for-metadata-");
+    let image = dir.path().join("disk.vhdx");
+    ours_ok(&["create", "-q", "-o", "block_size=1M", s(&image), "64M"]);
+    let chain = open_writable(&image);
+    let first = pattern(40, 4096);
+    let second = pattern(41, 4096);
+    // Off (a tool's batching): the allocation stays in memory until a commit.
+    chain.write_at(&first, 5 * BLOCK).unwrap();
+    chain.leaf().wait_for_metadata(true);
+    // No metadata change of its own: the block is FULLY_PRESENT in memory.
+    chain.write_at(&second, 5 * BLOCK + 64 * KIB).unwrap();
+    assert!(
+        as_a_restart_reads(&image, 5 * BLOCK + 64 * KIB, 4096) == second,
+        "a write into a block whose allocation was not durable returned before it was"
+    );
+    assert!(as_a_restart_reads(&image, 5 * BLOCK, 4096) == first);
+    chain.close().unwrap();
 }
