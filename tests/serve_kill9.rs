@@ -233,3 +233,53 @@ fn a_write_relying_on_a_pending_allocation_waits_for_it() {
     assert!(as_a_restart_reads(&image, 5 * BLOCK, 4096) == first);
     chain.close().unwrap();
 }
+
+/// 32 first writes to different blocks made available at once: the queue thread runs them
+/// all and completes them once their allocations are in the log (one or two commits for the
+/// batch); every one that completed before the SIGKILL is on the file.
+#[test]
+fn a_batch_of_first_writes_completed_before_a_sigkill_survives() {
+    let dir = tempdir("serve-kill9-batch-");
+    let d = dir.path();
+    let image = d.join("disk.vhdx");
+    ours_ok(&["create", "-q", "-o", "block_size=1M", s(&image), "64M"]);
+    let mut serve = Serve::start(d, &image, &[]);
+    let mem = Memory::new(0, 16 * MIB);
+    let mut f = Frontend::connect(&serve.socket);
+    f.start(&mem, &Setup::default());
+    let writes: Vec<(u64, Vec<u8>)> = (0..32u64)
+        .map(|i| {
+            (
+                (i + 16) * BLOCK + 4 * KIB,
+                pattern(50 + i, 8 * KIB as usize),
+            )
+        })
+        .collect();
+    let reqs: Vec<Pending> = writes
+        .iter()
+        .map(|(offset, data)| {
+            let buf = mem.alloc(data.len() as u64, 4096);
+            let req = Blk::Write {
+                sector: offset / SECTOR,
+                data: data.clone(),
+            };
+            f.add(&mem, 0, &req, buf)
+        })
+        .collect();
+    f.kick(0);
+    for _ in 0..reqs.len() {
+        f.wait(&mem, 0);
+    }
+    for (i, r) in reqs.iter().enumerate() {
+        assert_eq!(mem.get(r.status, 1)[0], blk::S_OK, "write {i}");
+    }
+    serve.kill9();
+    let raw = d.join("ours.raw");
+    ours_ok(&["convert", "-q", s(&image), s(&raw)]);
+    for (i, (offset, data)) in writes.iter().enumerate() {
+        assert!(
+            &read_at(&raw, *offset, data.len()) == data,
+            "write {i} at {offset:#x} completed before the SIGKILL but is lost"
+        );
+    }
+}

@@ -321,6 +321,14 @@ impl VhdxFile {
         }
     }
 
+    /// Waits for a generation that [`super::write::defer_metadata_waits`] returned.
+    pub fn wait_durable(&self, generation: u64) -> Result<()> {
+        match &self.writer {
+            Some(w) => w.wait_durable(generation),
+            None => Ok(()),
+        }
+    }
+
     /// Testing aid for crash-point tests: when on, every metadata change of a write, discard or
     /// write-zeroes is committed to the log before the next one is made, so that a crash can be
     /// enumerated between any two changes of one operation.

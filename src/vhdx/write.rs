@@ -27,6 +27,7 @@
 //! in parallel; state changes (allocation, trim) take the write side, so two writers allocate a
 //! block once and a trim never frees space a write is still landing in.
 
+use std::cell::Cell;
 use std::collections::BTreeMap;
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -45,6 +46,28 @@ use super::space::{Allocation, FreeSpace};
 use super::storage::Storage;
 
 const STRIPES: usize = 64;
+
+thread_local! {
+    /// Inside [`defer_metadata_waits`]: the highest generation this thread's requests would
+    /// have waited for.
+    static DEFERRED: Cell<Option<u64>> = const { Cell::new(None) };
+}
+
+/// Runs `f` with the waits of [`Writer::wait_for_metadata`] deferred on this thread: a request
+/// that would wait for its metadata change asks for the commit and returns at once, and the
+/// highest generation it would have waited for is returned with `f`'s result (0: none). The
+/// caller must pass it to [`Writer::wait_durable`] (of the one writable file `f` wrote to)
+/// before anyone learns that those requests completed. A queue thread uses this to keep
+/// running the requests behind an allocating write, so that a batch shares one commit.
+pub fn defer_metadata_waits<T>(f: impl FnOnce() -> T) -> (T, u64) {
+    let outer = DEFERRED.with(|d| d.replace(Some(0)));
+    let result = f();
+    let generation = DEFERRED.with(|d| d.replace(outer)).unwrap_or(0);
+    if let Some(outer) = outer {
+        DEFERRED.with(|d| d.set(Some(outer.max(generation))));
+    }
+    (result, generation)
+}
 
 /// The metadata pages the WAL logs, read from the in-memory truth.
 struct MetadataPages {
@@ -255,11 +278,36 @@ impl Writer {
     }
 
     /// In [`Writer::wait_for_metadata`] mode, waits until `generation` is durable.
+    /// Deferred ([`defer_metadata_waits`]): the commit is asked for and the wait left to the
+    /// caller.
     fn settle(&self, s: &Session, generation: u64) -> Result<()> {
         if generation == 0 || !self.metadata_before_return.load(Ordering::Relaxed) {
             return Ok(());
         }
+        let deferred = DEFERRED.with(|d| match d.get() {
+            Some(g) => {
+                d.set(Some(g.max(generation)));
+                true
+            }
+            None => false,
+        });
+        if deferred {
+            s.wal.request(generation);
+            return Ok(());
+        }
         self.io("committing metadata", s.wal.wait_durable(generation))
+    }
+
+    /// Waits until the metadata changes of WAL generation `generation` (as returned by
+    /// [`defer_metadata_waits`]) are durable in the log.
+    pub fn wait_durable(&self, generation: u64) -> Result<()> {
+        self.check_poison()?;
+        match self.session.get() {
+            Some(s) if generation > 0 => {
+                self.io("committing metadata", s.wal.wait_durable(generation))
+            }
+            _ => Ok(()),
+        }
     }
 
     /// The session, started on first use (design rule 1).

@@ -248,6 +248,16 @@ impl Wal {
         }
     }
 
+    /// Asks for the commit of `generation` without waiting for it (a waiter comes later).
+    pub fn request(&self, generation: u64) {
+        let mut st = lock(&self.shared);
+        if st.requested < generation && st.durable < generation {
+            st.requested = generation;
+            drop(st);
+            let _ = self.shared.kick.write(1);
+        }
+    }
+
     pub fn poisoned(&self) -> Option<String> {
         lock(&self.shared).poisoned.clone()
     }
