@@ -21,6 +21,7 @@
 //! request that touches a block whose last change is not durable yet waits for it too, even if
 //! it changed nothing itself: it relies on that change (a write into a block another queue
 //! just allocated). Each stripe remembers the generation of the last change made under it.
+//! A caller with other requests to run may take the wait over ([`defer_metadata_waits`]).
 //!
 //! Concurrency: 64 striped reader/writer locks guard block state. Writes and zero-fills to an
 //! allocated block take the read side, so queues write different (or the same) allocated blocks
