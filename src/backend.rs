@@ -261,6 +261,13 @@ impl BlockDevice {
                     held.requests.push((p, outcome));
                     continue;
                 }
+                // A driver that keeps the ring busy must not keep held requests waiting.
+                if !held.requests.is_empty() {
+                    held.passed += 1;
+                    if held.passed >= HOLD_AT_MOST {
+                        self.complete_held(queue, &mut held);
+                    }
+                }
                 if queue.complete(p.head, outcome, false) {
                     completed += 1;
                 }
@@ -301,6 +308,7 @@ impl BlockDevice {
             queue.complete(p.head, outcome, false);
         }
         held.generation = 0;
+        held.passed = 0;
         queue.signal_if_needed();
     }
 
@@ -353,7 +361,12 @@ struct Held {
     requests: Vec<(Popped, Outcome)>,
     /// The highest WAL generation they wait for.
     generation: u64,
+    /// Requests completed since the oldest of them was held.
+    passed: usize,
 }
+
+/// Held requests are completed at the latest after this many others have been.
+const HOLD_AT_MOST: usize = 64;
 
 /// Bytes of a request's device-writable descriptors: a read's data (and its status byte).
 fn read_bytes(descs: &[Descriptor]) -> u64 {
