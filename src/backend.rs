@@ -19,8 +19,9 @@ use zerocopy::little_endian::{U16, U32, U64};
 use zerocopy::{Immutable, IntoBytes, KnownLayout};
 
 use crate::helper_pool::HelperPool;
-use crate::queue::{Popped, Queue};
+use crate::queue::{Outcome, Popped, Queue};
 use crate::requests::{Requests, MAX_DISCARD_SECTORS};
+use crate::vhdx::write::defer_metadata_waits;
 use crate::vhdx::Chain;
 use crate::virtio_blk::{self, Descriptor};
 
@@ -99,6 +100,11 @@ impl BlockDevice {
     pub fn new(chain: Arc<Chain>, options: DeviceOptions) -> io::Result<BlockDevice> {
         let lss = chain.logical_sector_size();
         let leaf = chain.leaf();
+        // The guest never learns that this process was killed and restarted, so what it saw
+        // complete must survive that: a request that changed metadata (a first write to a
+        // block, a discard) completes only once the change is in the log on the file, which
+        // the next open replays. Data itself is in the page cache already.
+        leaf.wait_for_metadata(true);
         let pss = leaf.metadata.physical_sector_size.max(lss);
         let block = leaf.metadata.block_size;
         let block_sectors = block >> virtio_blk::SECTOR_SHIFT;
@@ -234,17 +240,36 @@ impl BlockDevice {
     /// (see [`crate::helper_pool`]). Either way every popped request is complete on return.
     /// Whatever is popped goes through the queue's in-flight record ([`Queue::pop`] /
     /// [`Queue::complete`]), which is what stopping the queue waits on.
+    ///
+    /// A request whose metadata change is not durable yet (see [`BlockDevice::new`]) is held
+    /// back while the thread runs the ones behind it, and completed once the change is in the
+    /// log, before this returns: so a batch of first writes shares one or two commits instead
+    /// of waiting for one each. The other requests complete as soon as they are done.
     pub fn process_queue(&self, queue: &Arc<Queue>) {
+        let mut held = Held::default();
         loop {
             queue.disable_notification();
             let mut completed = 0;
             while let Some(p) = queue.pop() {
                 if !self.helpers.is_empty() && read_bytes(&p.descs) >= LARGE_READ {
+                    self.complete_held(queue, &mut held);
                     self.run_batch(queue, p);
                     completed = 0;
                     continue;
                 }
-                let outcome = self.requests.run_popped(&p);
+                let (outcome, generation) = defer_metadata_waits(|| self.requests.run_popped(&p));
+                if generation > 0 {
+                    held.generation = held.generation.max(generation);
+                    held.requests.push((p, outcome));
+                    continue;
+                }
+                // A driver that keeps the ring busy must not keep held requests waiting.
+                if !held.requests.is_empty() {
+                    held.passed += 1;
+                    if held.passed >= HOLD_AT_MOST {
+                        self.complete_held(queue, &mut held);
+                    }
+                }
                 if queue.complete(p.head, outcome, false) {
                     completed += 1;
                 }
@@ -258,6 +283,7 @@ impl BlockDevice {
                     completed = 0;
                 }
             }
+            self.complete_held(queue, &mut held);
             if completed > 0 {
                 queue.signal_if_needed();
             }
@@ -265,6 +291,27 @@ impl BlockDevice {
                 return;
             }
         }
+    }
+
+    /// Waits until the held requests' metadata is in the log, then completes them; if it
+    /// cannot be (the image is unusable after an I/O error), they fail.
+    fn complete_held(&self, queue: &Queue, held: &mut Held) {
+        if held.requests.is_empty() {
+            return;
+        }
+        let result = self.requests.chain.leaf().wait_durable(held.generation);
+        if let Err(e) = &result {
+            log::error!("requests failed: their metadata could not be committed: {e}");
+        }
+        for (p, outcome) in held.requests.drain(..) {
+            if result.is_err() {
+                self.requests.fail_status(&p);
+            }
+            queue.complete(p.head, outcome, false);
+        }
+        held.generation = 0;
+        held.passed = 0;
+        queue.signal_if_needed();
     }
 
     /// Runs `first` and every request available after it as one batch, on this thread and
@@ -309,6 +356,19 @@ impl BlockDevice {
         self.requests.execute(mem, descs)
     }
 }
+
+/// Requests done but held back until their metadata change is durable.
+#[derive(Default)]
+struct Held {
+    requests: Vec<(Popped, Outcome)>,
+    /// The highest WAL generation they wait for.
+    generation: u64,
+    /// Requests completed since the oldest of them was held.
+    passed: usize,
+}
+
+/// Held requests are completed at the latest after this many others have been.
+const HOLD_AT_MOST: usize = 64;
 
 /// Bytes of a request's device-writable descriptors: a read's data (and its status byte).
 fn read_bytes(descs: &[Descriptor]) -> u64 {

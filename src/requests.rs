@@ -51,6 +51,14 @@ impl Requests {
         }
     }
 
+    /// Overwrites the status of a request that ran with IOERR: it cannot be reported done
+    /// after all (its metadata could not be committed).
+    pub fn fail_status(&self, p: &Popped) {
+        if let Ok(req) = virtio_blk::parse(&p.descs, &p.mem) {
+            self.complete(&p.mem, req.status, virtio_blk::VIRTIO_BLK_S_IOERR, 0);
+        }
+    }
+
     /// Runs one request; returns the used length (bytes written to the guest).
     pub fn execute(&self, mem: &GuestMemoryMmap, descs: &[Descriptor]) -> u32 {
         self.execute_outside(mem, descs, &[]).unwrap_or(0)

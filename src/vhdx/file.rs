@@ -336,6 +336,24 @@ impl VhdxFile {
         self.writer()?.trim(offset, len, zero)
     }
 
+    /// Makes a write, discard or write-zeroes return only once the metadata change it made
+    /// or relies on is durable in the log (see [`Writer::wait_for_metadata`]): what a server
+    /// needs so that a restart of its process loses nothing its client saw complete. Off by
+    /// default, for tools that make everything durable with one flush at the end.
+    pub fn wait_for_metadata(&self, on: bool) {
+        if let Some(w) = &self.writer {
+            w.wait_for_metadata(on);
+        }
+    }
+
+    /// Waits for a generation that [`super::write::defer_metadata_waits`] returned.
+    pub fn wait_durable(&self, generation: u64) -> Result<()> {
+        match &self.writer {
+            Some(w) => w.wait_durable(generation),
+            None => Ok(()),
+        }
+    }
+
     /// Testing aid for crash-point tests: when on, every metadata change of a write, discard or
     /// write-zeroes is committed to the log before the next one is made, so that a crash can be
     /// enumerated between any two changes of one operation.

@@ -14,6 +14,15 @@
 //!    a block's bits are cleared when it leaves PARTIALLY_PRESENT, in the same change as its
 //!    entry ([`Writer::make_full`]): never durable as partial with its bits gone.
 //!
+//! A request may complete before its metadata change is durable (tools that batch: a flush
+//! makes everything durable), or only once that change is at least in the log on the file
+//! ([`Writer::wait_for_metadata`], what `serve` needs: a process killed and restarted must not
+//! lose a write its guest saw complete, as the guest never learns of the restart). Then a
+//! request that touches a block whose last change is not durable yet waits for it too, even if
+//! it changed nothing itself: it relies on that change (a write into a block another queue
+//! just allocated). Each stripe remembers the generation of the last change made under it.
+//! A caller with other requests to run may take the wait over ([`defer_metadata_waits`]).
+//!
 //! Concurrency: 64 striped reader/writer locks guard block state. Writes and zero-fills to an
 //! allocated block take the read side, so queues write different (or the same) allocated blocks
 //! in parallel; state changes (allocation, trim) take the write side, so two writers allocate a
@@ -24,9 +33,10 @@
 //! and a trim waits for its block's count to reach zero (without holding the stripe lock, so
 //! the thread that will complete those writes is never blocked by the trim).
 
+use std::cell::Cell;
 use std::collections::{BTreeMap, HashMap};
 use std::io;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, RwLock, RwLockWriteGuard};
 
 use smallvec::SmallVec;
@@ -44,6 +54,28 @@ use super::space::{Allocation, FreeSpace};
 use super::storage::Storage;
 
 const STRIPES: usize = 64;
+
+thread_local! {
+    /// Inside [`defer_metadata_waits`]: the highest generation this thread's requests would
+    /// have waited for.
+    static DEFERRED: Cell<Option<u64>> = const { Cell::new(None) };
+}
+
+/// Runs `f` with the waits of [`Writer::wait_for_metadata`] deferred on this thread: a request
+/// that would wait for its metadata change asks for the commit and returns at once, and the
+/// highest generation it would have waited for is returned with `f`'s result (0: none). The
+/// caller must pass it to [`Writer::wait_durable`] (of the one writable file `f` wrote to)
+/// before anyone learns that those requests completed. A queue thread uses this to keep
+/// running the requests behind an allocating write, so that a batch shares one commit.
+pub fn defer_metadata_waits<T>(f: impl FnOnce() -> T) -> (T, u64) {
+    let outer = DEFERRED.with(|d| d.replace(Some(0)));
+    let result = f();
+    let generation = DEFERRED.with(|d| d.replace(outer)).unwrap_or(0);
+    if let Some(outer) = outer {
+        DEFERRED.with(|d| d.set(Some(outer.max(generation))));
+    }
+    (result, generation)
+}
 
 /// The metadata pages the WAL logs, read from the in-memory truth.
 struct MetadataPages {
@@ -209,6 +241,11 @@ pub struct Writer {
     headers: Mutex<Headers>,
     stripes: Vec<RwLock<()>>,
     inflight: Arc<InFlightBlocks>,
+    /// Per stripe: the WAL generation of the last metadata change to one of its blocks, set
+    /// while the stripe's lock is held ([`Writer::note`]).
+    stripe_generations: Vec<AtomicU64>,
+    /// Requests return only once their metadata changes are durable ([`Writer::wait_for_metadata`]).
+    metadata_before_return: AtomicBool,
     bitmap_alloc: Mutex<()>,
     session_init: Mutex<()>,
     session: OnceLock<Session>,
@@ -254,6 +291,8 @@ impl Writer {
             headers: Mutex::new(p.headers),
             stripes: (0..STRIPES).map(|_| RwLock::new(())).collect(),
             inflight: Arc::default(),
+            stripe_generations: (0..STRIPES).map(|_| AtomicU64::new(0)).collect(),
+            metadata_before_return: AtomicBool::new(false),
             bitmap_alloc: Mutex::new(()),
             session_init: Mutex::new(()),
             session: OnceLock::new(),
@@ -267,6 +306,15 @@ impl Writer {
     /// Testing aid: commit every metadata change before the next one is made.
     pub fn commit_every_change(&self, on: bool) {
         self.commit_each_change.store(on, Ordering::Relaxed);
+    }
+
+    /// When on, a write, discard or write-zeroes returns only once every metadata change it
+    /// made or relies on (a BAT entry, sector-bitmap bits) is durable in the log, so that a
+    /// process killed after the request completed replays it at the next open. Writes into
+    /// blocks whose metadata is already durable pay nothing. Off: changes are committed in the
+    /// background and by [`Writer::flush`].
+    pub fn wait_for_metadata(&self, on: bool) {
+        self.metadata_before_return.store(on, Ordering::Relaxed);
     }
 
     pub fn bitmaps(&self) -> &BitmapCache {
@@ -309,6 +357,57 @@ impl Writer {
 
     fn stripe(&self, block: u64) -> &RwLock<()> {
         &self.stripes[(block % STRIPES as u64) as usize]
+    }
+
+    fn stripe_generation(&self, block: u64) -> &AtomicU64 {
+        &self.stripe_generations[(block % STRIPES as u64) as usize]
+    }
+
+    /// Records that `block`'s metadata changed in WAL generation `generation`. Called with the
+    /// block's stripe lock held, so whoever takes the lock later and sees the change also sees
+    /// the generation ([`Writer::relied_on`]).
+    fn note(&self, block: u64, generation: u64) {
+        self.stripe_generation(block)
+            .fetch_max(generation, Ordering::AcqRel);
+    }
+
+    /// The generation whose durability a request that has just used `block` relies on: the
+    /// last change to any block of its stripe (an upper bound: never too early).
+    fn relied_on(&self, block: u64) -> u64 {
+        self.stripe_generation(block).load(Ordering::Acquire)
+    }
+
+    /// In [`Writer::wait_for_metadata`] mode, waits until `generation` is durable.
+    /// Deferred ([`defer_metadata_waits`]): the commit is asked for and the wait left to the
+    /// caller.
+    fn settle(&self, s: &Session, generation: u64) -> Result<()> {
+        if generation == 0 || !self.metadata_before_return.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        let deferred = DEFERRED.with(|d| match d.get() {
+            Some(g) => {
+                d.set(Some(g.max(generation)));
+                true
+            }
+            None => false,
+        });
+        if deferred {
+            s.wal.request(generation);
+            return Ok(());
+        }
+        self.io("committing metadata", s.wal.wait_durable(generation))
+    }
+
+    /// Waits until the metadata changes of WAL generation `generation` (as returned by
+    /// [`defer_metadata_waits`]) are durable in the log.
+    pub fn wait_durable(&self, generation: u64) -> Result<()> {
+        self.check_poison()?;
+        match self.session.get() {
+            Some(s) if generation > 0 => {
+                self.io("committing metadata", s.wal.wait_durable(generation))
+            }
+            _ => Ok(()),
+        }
     }
 
     /// The session, started on first use (design rule 1).
@@ -456,9 +555,8 @@ impl Writer {
     }
 
     /// Sets the bitmap bits of sectors `[in_block, in_block + n)` of `block`.
-    fn set_bits(&self, s: &Session, block: u64, in_block: u64, n: u64) -> Result<()> {
+    fn set_bits(&self, s: &Session, block: u64, in_block: u64, n: u64) -> Result<u64> {
         self.change(s, |pages| self.change_bits(pages, block, in_block, n, true))
-            .map(drop)
     }
 
     /// A PARTIALLY_PRESENT block becomes FULLY_PRESENT and its bits are cleared (rule 6), in
@@ -466,7 +564,7 @@ impl Writer {
     /// partial with its bits gone; and within the commit, BAT pages become durable no later
     /// than bitmap pages ([`MetadataPages::order`]), so no crash finds it that way either: it
     /// would read every sector from the parent.
-    fn make_full(&self, s: &Session, block: u64, offset: u64) -> Result<()> {
+    fn make_full(&self, s: &Session, block: u64, offset: u64) -> Result<u64> {
         let bs = u64::from(self.geometry.block_size);
         let index = self.geometry.payload_index(block);
         self.change(s, |pages| {
@@ -474,7 +572,6 @@ impl Writer {
             self.set_entry(pages, index, full);
             self.change_bits(pages, block, 0, bs, false)
         })
-        .map(drop)
     }
 
     /// The bitmap block of `chunk`, allocated and zeroed if it was not present (rule 6).
@@ -576,16 +673,20 @@ impl Writer {
         let bs = u64::from(self.geometry.block_size);
         let end = offset + src.len() as u64;
         let mut pos = offset;
+        let mut relied_on = 0;
         while pos < end {
             let block = pos / bs;
             let in_block = pos % bs;
             let n = (bs - in_block).min(end - pos);
             self.write_block(s, block, in_block, n, src, (pos - offset) as usize)?;
+            relied_on = relied_on.max(self.relied_on(block));
             pos += n;
         }
-        Ok(())
+        self.settle(s, relied_on)
     }
 
+    /// Writes one block's part of a request. A metadata change is noted ([`Writer::note`])
+    /// before the stripe lock is let go.
     fn write_block(
         &self,
         s: &Session,
@@ -611,7 +712,9 @@ impl Writer {
                 PayloadBlockState::FullyPresent => return write_at(entry.file_offset()),
                 PayloadBlockState::PartiallyPresent if !whole => {
                     write_at(entry.file_offset())?;
-                    return self.set_bits(s, block, in_block, n);
+                    let generation = self.set_bits(s, block, in_block, n)?;
+                    self.note(block, generation);
+                    return Ok(());
                 }
                 _ => {}
             }
@@ -622,8 +725,8 @@ impl Writer {
             .unwrap_or_else(|e| e.into_inner());
         let index = self.geometry.payload_index(block);
         let (state, entry) = self.bat.payload(block);
-        match state {
-            PayloadBlockState::FullyPresent => write_at(entry.file_offset()),
+        let generation = match state {
+            PayloadBlockState::FullyPresent => write_at(entry.file_offset()).map(|()| 0),
             PayloadBlockState::PartiallyPresent if !whole => {
                 write_at(entry.file_offset())?;
                 self.set_bits(s, block, in_block, n)
@@ -640,7 +743,7 @@ impl Writer {
                 write_at(a.offset)?;
                 self.set_bits(s, block, in_block, n)?;
                 let partial = BatEntry::new(PayloadBlockState::PartiallyPresent.bits(), a.offset);
-                self.publish(s, index, partial).map(drop)
+                self.publish(s, index, partial)
             }
             _ => {
                 // NOT_PRESENT (no parent, or a whole-block write), ZERO, UNMAPPED, UNDEFINED:
@@ -657,9 +760,11 @@ impl Writer {
                 }
                 write_at(a.offset)?;
                 let full = BatEntry::new(PayloadBlockState::FullyPresent.bits(), a.offset);
-                self.publish(s, index, full).map(drop)
+                self.publish(s, index, full)
             }
-        }
+        }?;
+        self.note(block, generation);
+        Ok(())
     }
 
     /// Discards (`zero == false`) or zeroes `[offset, offset + len)`. Whole blocks change state
@@ -672,6 +777,7 @@ impl Writer {
         let disk_end = self.geometry.virtual_disk_size;
         let end = offset + len;
         let mut pos = offset;
+        let mut relied_on = 0;
         while pos < end {
             let block = pos / bs;
             let in_block = pos % bs;
@@ -680,12 +786,21 @@ impl Writer {
             let whole = in_block == 0 && (n == bs || pos + n == disk_end);
             if whole {
                 self.trim_block(s, block, zero)?;
-            } else if zero && !self.reads_zero(block) {
-                self.write_block(s, block, in_block, n, &Zeros(n as usize), 0)?;
+            } else if zero {
+                // Under the stripe lock, so that a block another request just made read as
+                // zeros is seen together with that change's generation.
+                let reads_zero = {
+                    let _shared = self.stripe(block).read().unwrap_or_else(|e| e.into_inner());
+                    self.reads_zero(block)
+                };
+                if !reads_zero {
+                    self.write_block(s, block, in_block, n, &Zeros(n as usize), 0)?;
+                }
             }
+            relied_on = relied_on.max(self.relied_on(block));
             pos += n;
         }
-        Ok(())
+        self.settle(s, relied_on)
     }
 
     /// Whether a block reads as zeros without consulting this file's data or a parent.
@@ -700,8 +815,16 @@ impl Writer {
     }
 
     fn trim_block(&self, s: &Session, block: u64, zero: bool) -> Result<()> {
-        let bs = u64::from(self.geometry.block_size);
         let _exclusive = self.exclusive_without_writes(block);
+        let generation = self.trim_locked_block(s, block, zero)?;
+        self.note(block, generation);
+        Ok(())
+    }
+
+    /// [`Writer::trim_block`] with the stripe lock held; returns the generation of the change
+    /// it made (0: none).
+    fn trim_locked_block(&self, s: &Session, block: u64, zero: bool) -> Result<u64> {
+        let bs = u64::from(self.geometry.block_size);
         let (state, entry) = self.bat.payload(block);
         if self.fixed {
             // A fixed file keeps every block allocated: zero in place.
@@ -711,7 +834,7 @@ impl Writer {
                     self.storage.write_zeroes(entry.file_offset(), bs),
                 )?;
             }
-            return Ok(());
+            return Ok(0);
         }
         if self.geometry.has_parent {
             return self.trim_differencing_block(s, block, state, entry);
@@ -727,13 +850,13 @@ impl Writer {
             // Already reads as zeros; a write-zeroes still moves it to ZERO, the one state every
             // reader must read as zeros.
             if zero && state != PayloadBlockState::Zero {
-                self.publish(s, index, BatEntry::new(target.bits(), 0))?;
+                return self.publish(s, index, BatEntry::new(target.bits(), 0));
             }
-            return Ok(());
+            return Ok(0);
         }
         let generation = self.publish(s, index, BatEntry::new(target.bits(), 0))?;
         locked(&s.space).release(entry.file_offset(), bs, generation);
-        Ok(())
+        Ok(generation)
     }
 
     /// A trimmed block of a differencing file must read as zeros, never as the parent's data.
@@ -747,7 +870,7 @@ impl Writer {
         block: u64,
         state: PayloadBlockState,
         entry: BatEntry,
-    ) -> Result<()> {
+    ) -> Result<u64> {
         let bs = u64::from(self.geometry.block_size);
         let index = self.geometry.payload_index(block);
         let offset = match state {
@@ -757,7 +880,7 @@ impl Writer {
             // Reads zeros already (ours; see above for libvhdi): leave it.
             PayloadBlockState::Zero
             | PayloadBlockState::Unmapped
-            | PayloadBlockState::Undefined => return Ok(()),
+            | PayloadBlockState::Undefined => return Ok(0),
             PayloadBlockState::NotPresent => {
                 let a = self.allocate(s, bs)?;
                 if a.zeroed {
@@ -775,9 +898,9 @@ impl Writer {
             PayloadBlockState::PartiallyPresent => self.make_full(s, block, offset),
             PayloadBlockState::NotPresent => {
                 let full = BatEntry::new(PayloadBlockState::FullyPresent.bits(), offset);
-                self.publish(s, index, full).map(drop)
+                self.publish(s, index, full)
             }
-            _ => Ok(()),
+            _ => Ok(0),
         }
     }
 

@@ -224,6 +224,40 @@ impl Wal {
         }
     }
 
+    /// Waits until generation `generation` (what [`Change::mark_dirty`] returned) is durable,
+    /// asking for its commit if nobody has yet. Concurrent waiters share one commit, and a
+    /// generation already durable costs no more than a lock.
+    pub fn wait_durable(&self, generation: u64) -> io::Result<()> {
+        let mut st = lock(&self.shared);
+        loop {
+            if let Some(p) = &st.poisoned {
+                return Err(poison_error(p));
+            }
+            if st.durable >= generation {
+                return Ok(());
+            }
+            if st.requested < generation {
+                st.requested = generation;
+                let _ = self.shared.kick.write(1);
+            }
+            st = self
+                .shared
+                .changed
+                .wait(st)
+                .unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
+    /// Asks for the commit of `generation` without waiting for it (a waiter comes later).
+    pub fn request(&self, generation: u64) {
+        let mut st = lock(&self.shared);
+        if st.requested < generation && st.durable < generation {
+            st.requested = generation;
+            drop(st);
+            let _ = self.shared.kick.write(1);
+        }
+    }
+
     pub fn poisoned(&self) -> Option<String> {
         lock(&self.shared).poisoned.clone()
     }
