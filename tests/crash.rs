@@ -10,7 +10,7 @@ mod common;
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use common::crash_storage::{for_each_crash_point, CrashImage, Event, Recorder};
+use common::crash_storage::{for_each_crash_point, CrashImage, Event, Outcome, Recorder};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use vhost_user_vhdx::vhdx::check;
@@ -112,13 +112,6 @@ fn workload(rng: &mut StdRng, n: usize, aligned: u32) -> Vec<Op> {
             }
         })
         .collect()
-}
-
-struct Outcome {
-    points: usize,
-    recovered: usize,
-    flushed_bytes_lost: u64,
-    failures: Vec<String>,
 }
 
 /// What a run exercises.
@@ -243,12 +236,7 @@ fn enumerate(seed: u64, mode: Mode) -> Outcome {
     let mut seen = 0usize;
     let mut base = Vec::new();
     let mut extra: HashMap<u64, Vec<Tag>> = HashMap::new();
-    let mut out = Outcome {
-        points: 0,
-        recovered: 0,
-        flushed_bytes_lost: 0,
-        failures: Vec::new(),
-    };
+    let mut out = Outcome::default();
     for_each_crash_point(&events, vec![initial], &mut rng, |i, variant, images| {
         if seen <= i {
             for e in &events[seen..=i] {
@@ -272,17 +260,10 @@ fn enumerate(seed: u64, mode: Mode) -> Outcome {
             }
         }
         let img = images.into_iter().next().unwrap();
-        out.points += 1;
-        let what = format!("event {i} variant {variant}");
-        match verify(img, &open_chain, &base, &extra, &parent_content) {
-            Ok(()) => out.recovered += 1,
-            Err((msg, lost)) => {
-                out.flushed_bytes_lost += lost;
-                if out.failures.len() < 5 {
-                    out.failures.push(format!("{what}: {msg}"));
-                }
-            }
-        }
+        out.count(
+            || format!("event {i} variant {variant}"),
+            verify(img, &open_chain, &base, &extra, &parent_content),
+        );
     });
     out
 }
@@ -332,18 +313,7 @@ fn verify(
 }
 
 fn run(seed: u64, mode: Mode) {
-    let out = enumerate(seed, mode);
-    println!(
-        "crash points: {}, recovered: {}, flushed bytes lost: {}",
-        out.points, out.recovered, out.flushed_bytes_lost
-    );
-    assert!(
-        out.failures.is_empty() && out.recovered == out.points && out.flushed_bytes_lost == 0,
-        "{} of {} crash points did not recover; first failures:\n{}",
-        out.points - out.recovered,
-        out.points,
-        out.failures.join("\n")
-    );
+    enumerate(seed, mode).assert_all_recovered("");
 }
 
 const NORMAL: Mode = Mode {

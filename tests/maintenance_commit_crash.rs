@@ -13,7 +13,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use common::crash_storage::{for_each_crash_point, CrashImage, Event, Record, Recorder};
+use common::crash_storage::{for_each_crash_point, CrashImage, Event, Outcome, Record, Recorder};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 use uuid::Uuid;
@@ -247,13 +247,6 @@ fn verify(images: Vec<CrashImage>, sc: &Scenario, expected: &[u8]) -> Result<(),
     Ok(())
 }
 
-struct Outcome {
-    points: usize,
-    recovered: usize,
-    lost: u64,
-    failures: Vec<String>,
-}
-
 fn enumerate(seed: u64, three: bool, target: usize, keep_top: bool) -> Outcome {
     let mut rng = StdRng::seed_from_u64(seed);
     let dir = common::tempdir("commit-crash-");
@@ -288,44 +281,20 @@ fn enumerate(seed: u64, three: bool, target: usize, keep_top: bool) -> Outcome {
         "the commit wrote to a parent of its target"
     );
 
-    let mut out = Outcome {
-        points: 0,
-        recovered: 0,
-        lost: 0,
-        failures: Vec::new(),
-    };
+    let mut out = Outcome::default();
     for_each_crash_point(&events, initial, &mut rng, |i, variant, images| {
-        out.points += 1;
-        match verify(images, &sc, &expected) {
-            Ok(()) => out.recovered += 1,
-            Err((msg, lost)) => {
-                out.lost += lost;
-                if out.failures.len() < 5 {
-                    out.failures.push(format!(
-                        "event {i} ({}) variant {variant}: {msg}",
-                        events[i].describe()
-                    ));
-                }
-            }
-        }
+        out.count(
+            || format!("event {i} ({}) variant {variant}", events[i].describe()),
+            verify(images, &sc, &expected),
+        );
     });
     out
 }
 
 fn run(seed: u64, three: bool, target: usize, keep_top: bool) {
     let out = enumerate(seed, three, target, keep_top);
-    println!(
-        "crash points: {}, recovered: {}, flushed bytes lost: {}",
-        out.points, out.recovered, out.lost
-    );
     assert!(out.points > 20, "too few crash points: {}", out.points);
-    assert!(
-        out.failures.is_empty() && out.recovered == out.points && out.lost == 0,
-        "{} of {} crash points did not recover; first failures:\n{}",
-        out.points - out.recovered,
-        out.points,
-        out.failures.join("\n")
-    );
+    out.assert_all_recovered("");
 }
 
 #[test]

@@ -10,7 +10,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use common::crash_storage::{for_each_crash_point, CrashImage, Recorder};
+use common::crash_storage::{for_each_crash_point, CrashImage, Outcome, Recorder};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 use vhost_user_vhdx::vhdx::check;
@@ -68,13 +68,6 @@ impl Setup {
     }
 }
 
-struct Outcome {
-    points: usize,
-    recovered: usize,
-    bytes_lost: u64,
-    failures: Vec<String>,
-}
-
 fn enumerate(setup: &Setup, op: &dyn Fn(Chain)) -> Outcome {
     let mut rng = StdRng::seed_from_u64(7);
     let before = content(
@@ -104,26 +97,14 @@ fn enumerate(setup: &Setup, op: &dyn Fn(Chain)) -> Outcome {
         "the grown area does not read zeros"
     );
 
-    let mut out = Outcome {
-        points: 0,
-        recovered: 0,
-        bytes_lost: 0,
-        failures: Vec::new(),
-    };
+    let mut out = Outcome::default();
     let initial = vec![setup.initial.clone()];
     for_each_crash_point(&events, initial, &mut rng, |i, variant, images| {
         let img = images.into_iter().next().unwrap();
-        out.points += 1;
-        match verify(setup, img, &before, &after) {
-            Ok(()) => out.recovered += 1,
-            Err((msg, lost)) => {
-                out.bytes_lost += lost;
-                if out.failures.len() < 5 {
-                    out.failures
-                        .push(format!("event {i} variant {variant}: {msg}"));
-                }
-            }
-        }
+        out.count(
+            || format!("event {i} variant {variant}"),
+            verify(setup, img, &before, &after),
+        );
     });
     out
 }
@@ -166,18 +147,7 @@ fn verify(
 }
 
 fn run(name: &str, setup: &Setup, op: &dyn Fn(Chain)) {
-    let out = enumerate(setup, op);
-    println!(
-        "{name}: crash points: {}, recovered: {}, flushed bytes lost: {}",
-        out.points, out.recovered, out.bytes_lost
-    );
-    assert!(
-        out.failures.is_empty() && out.recovered == out.points && out.bytes_lost == 0,
-        "{name}: {} of {} crash points did not recover; first failures:\n{}",
-        out.points - out.recovered,
-        out.points,
-        out.failures.join("\n")
-    );
+    enumerate(setup, op).assert_all_recovered(&format!("{name}: "));
 }
 
 /// A new file in memory, changed by `prepare` through the engine.
@@ -209,6 +179,27 @@ fn dynamic(size: u64) -> CreateOptions {
     CreateOptions {
         virtual_size: Some(size),
         block_size: Some(MIB as u32),
+        ..Default::default()
+    }
+}
+
+/// Options for a child of a new `parent.vhdx` in `dir` of `size` bytes, whose first `filled`
+/// bytes hold 0x55.
+fn child_of(dir: &Path, size: u64, filled: u64) -> CreateOptions {
+    let parent = dir.join("parent.vhdx");
+    create::create(&parent, &dynamic(size)).unwrap();
+    let p = Chain::open(
+        &parent,
+        &vhost_user_vhdx::vhdx::ChainOptions {
+            writable: true,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    p.write_at(&vec![0x55; filled as usize], 0).unwrap();
+    p.close().unwrap();
+    CreateOptions {
+        parent: Some(parent),
         ..Default::default()
     }
 }
@@ -299,22 +290,7 @@ fn every_crash_point_of_a_compact_recovers() {
 #[test]
 fn every_crash_point_of_a_differencing_compact_recovers() {
     let d = common::tempdir("crash-compact-");
-    let parent = d.path().join("parent.vhdx");
-    create::create(&parent, &dynamic(16 * MIB)).unwrap();
-    let p = Chain::open(
-        &parent,
-        &vhost_user_vhdx::vhdx::ChainOptions {
-            writable: true,
-            ..Default::default()
-        },
-    )
-    .unwrap();
-    p.write_at(&vec![0x55; 4 * MIB as usize], 0).unwrap();
-    p.close().unwrap();
-    let opts = CreateOptions {
-        parent: Some(parent),
-        ..Default::default()
-    };
+    let opts = child_of(d.path(), 16 * MIB, 4 * MIB);
     let setup = prepared(d.path(), &opts, &|c| {
         striped(c);
         // A partially present block of zeros over parent zeros.
@@ -329,23 +305,7 @@ fn every_crash_point_of_a_differencing_compact_recovers() {
 #[test]
 fn every_crash_point_of_a_differencing_grow_recovers() {
     let d = common::tempdir("crash-resize-");
-    let parent = d.path().join("parent.vhdx");
-    create::create(&parent, &dynamic(15 * MIB + 512)).unwrap();
-    let p = Chain::open(
-        &parent,
-        &vhost_user_vhdx::vhdx::ChainOptions {
-            writable: true,
-            ..Default::default()
-        },
-    )
-    .unwrap();
-    p.write_at(&vec![0x55; (15 * MIB + 512) as usize], 0)
-        .unwrap();
-    p.close().unwrap();
-    let opts = CreateOptions {
-        parent: Some(parent),
-        ..Default::default()
-    };
+    let opts = child_of(d.path(), 15 * MIB + 512, 15 * MIB + 512);
     let setup = prepared(d.path(), &opts, &|c| {
         c.write_at(&vec![0x66; 2 * MIB as usize], 4 * MIB).unwrap();
         // The partial last block: in this file, past the parent's end after the grow.

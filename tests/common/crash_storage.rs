@@ -307,3 +307,46 @@ pub fn for_each_crash_point<M>(
         }
     }
 }
+
+/// What an enumeration found: its crash points, how many recovered, the bytes of flushed data
+/// that read wrong, and the first few failures.
+#[derive(Default)]
+pub struct Outcome {
+    pub points: usize,
+    pub recovered: usize,
+    pub lost: u64,
+    pub failures: Vec<String>,
+}
+
+impl Outcome {
+    /// Counts one crash point and its verdict: `Err((what went wrong, flushed bytes lost))`,
+    /// named by `what` in the failure list.
+    pub fn count(&mut self, what: impl FnOnce() -> String, verdict: Result<(), (String, u64)>) {
+        self.points += 1;
+        match verdict {
+            Ok(()) => self.recovered += 1,
+            Err((msg, lost)) => {
+                self.lost += lost;
+                if self.failures.len() < 5 {
+                    self.failures.push(format!("{}: {msg}", what()));
+                }
+            }
+        }
+    }
+
+    /// Prints `{label}crash points: N, recovered: N, flushed bytes lost: N` and panics, with
+    /// the first failures, unless every crash point recovered and no flushed byte was lost.
+    pub fn assert_all_recovered(&self, label: &str) {
+        println!(
+            "{label}crash points: {}, recovered: {}, flushed bytes lost: {}",
+            self.points, self.recovered, self.lost
+        );
+        assert!(
+            self.failures.is_empty() && self.recovered == self.points && self.lost == 0,
+            "{label}{} of {} crash points did not recover; first failures:\n{}",
+            self.points - self.recovered,
+            self.points,
+            self.failures.join("\n")
+        );
+    }
+}
