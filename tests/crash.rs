@@ -8,11 +8,10 @@
 mod common;
 
 use std::collections::HashMap;
-use std::io;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
+use common::crash_storage::{for_each_crash_point, CrashImage, Event, Outcome, Recorder};
 use rand::rngs::StdRng;
-use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use vhost_user_vhdx::vhdx::check;
 use vhost_user_vhdx::vhdx::create::{self, CreateOptions};
@@ -23,160 +22,13 @@ const SECTOR: u64 = 512;
 const DISK: u64 = 8 * MIB + 64 * 1024;
 const BLOCK: u32 = MIB as u32;
 
+/// The workload's notes in the record, between the file's changes.
 #[derive(Clone, Debug)]
-enum Event {
-    Write(u64, Arc<Vec<u8>>),
-    SetLen(u64),
-    Flush,
+enum Mark {
     /// Workload op `n` is about to start; every op before it returned.
     OpStart(usize),
     /// The flush of op `n` returned.
     FlushDone(usize),
-}
-
-/// Storage that applies everything to a memory file and records it.
-#[derive(Default)]
-struct Recorder {
-    mem: MemStorage,
-    events: Mutex<Vec<Event>>,
-}
-
-impl Recorder {
-    fn record(&self, e: Event) {
-        self.events.lock().unwrap().push(e);
-    }
-}
-
-impl Storage for Recorder {
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
-        self.mem.read_at(buf, offset)
-    }
-    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
-        // Recorded under the same lock order as applied, so the record is the true order.
-        let mut ev = self.events.lock().unwrap();
-        self.mem.write_at(buf, offset)?;
-        ev.push(Event::Write(offset, Arc::new(buf.to_vec())));
-        Ok(())
-    }
-    fn flush(&self) -> io::Result<()> {
-        self.record(Event::Flush);
-        Ok(())
-    }
-    fn len(&self) -> io::Result<u64> {
-        self.mem.len()
-    }
-    fn set_len(&self, len: u64) -> io::Result<()> {
-        let mut ev = self.events.lock().unwrap();
-        self.mem.set_len(len)?;
-        ev.push(Event::SetLen(len));
-        Ok(())
-    }
-}
-
-/// A crash image: the durable file, shared, with the writes that made it to disk laid over it
-/// in 4 KiB pages, so that thousands of images cost no copies of the whole file.
-struct CrashImage {
-    base: Arc<Vec<u8>>,
-    state: Mutex<CrashState>,
-}
-
-struct CrashState {
-    pages: std::collections::BTreeMap<u64, Box<[u8; 4096]>>,
-    len: u64,
-    /// Bytes of `base` past this read as zeros (the file was cut shorter).
-    base_limit: u64,
-}
-
-impl CrashImage {
-    fn new(base: Arc<Vec<u8>>) -> Self {
-        let len = base.len() as u64;
-        CrashImage {
-            base,
-            state: Mutex::new(CrashState {
-                pages: Default::default(),
-                len,
-                base_limit: len,
-            }),
-        }
-    }
-
-    fn page(base: &[u8], st: &CrashState, page: u64) -> [u8; 4096] {
-        if let Some(p) = st.pages.get(&page) {
-            return **p;
-        }
-        let mut out = [0u8; 4096];
-        let limit = st.base_limit.min(base.len() as u64);
-        if page < limit {
-            let n = (limit - page).min(4096) as usize;
-            out[..n].copy_from_slice(&base[page as usize..page as usize + n]);
-        }
-        out
-    }
-}
-
-/// `len` bytes at file offset `offset`, cut at 4 KiB page boundaries: for each piece, where it
-/// starts in the buffer, the offset of its page, where it starts in the page, and its length.
-fn pieces(offset: u64, len: usize) -> impl Iterator<Item = (usize, u64, usize, usize)> {
-    let mut at = 0usize;
-    std::iter::from_fn(move || {
-        if at >= len {
-            return None;
-        }
-        let pos = offset + at as u64;
-        let page = pos / 4096 * 4096;
-        let within = (pos - page) as usize;
-        let n = (4096 - within).min(len - at);
-        let piece = (at, page, within, n);
-        at += n;
-        Some(piece)
-    })
-}
-
-impl Storage for CrashImage {
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
-        let st = self.state.lock().unwrap();
-        for (at, page, within, n) in pieces(offset, buf.len()) {
-            if page + within as u64 >= st.len {
-                buf[at..].fill(0);
-                break;
-            }
-            let p = Self::page(&self.base, &st, page);
-            buf[at..at + n].copy_from_slice(&p[within..within + n]);
-        }
-        Ok(buf.len().min(st.len.saturating_sub(offset) as usize))
-    }
-    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
-        let mut st = self.state.lock().unwrap();
-        for (at, page, within, n) in pieces(offset, buf.len()) {
-            let mut p = Self::page(&self.base, &st, page);
-            p[within..within + n].copy_from_slice(&buf[at..at + n]);
-            st.pages.insert(page, Box::new(p));
-        }
-        st.len = st.len.max(offset + buf.len() as u64);
-        Ok(())
-    }
-    fn flush(&self) -> io::Result<()> {
-        Ok(())
-    }
-    fn len(&self) -> io::Result<u64> {
-        Ok(self.state.lock().unwrap().len)
-    }
-    fn set_len(&self, len: u64) -> io::Result<()> {
-        let mut st = self.state.lock().unwrap();
-        if len < st.len {
-            st.base_limit = st.base_limit.min(len);
-            let cut = len / 4096 * 4096;
-            if len % 4096 != 0 {
-                let mut p = Self::page(&self.base, &st, cut);
-                p[(len - cut) as usize..].fill(0);
-                st.pages.insert(cut, Box::new(p));
-            }
-            let from = len.div_ceil(4096) * 4096;
-            st.pages.retain(|&k, _| k < from);
-        }
-        st.len = len;
-        Ok(())
-    }
 }
 
 /// What a sector may hold: a tag names the op that wrote it (0 = zeros).
@@ -262,13 +114,6 @@ fn workload(rng: &mut StdRng, n: usize, aligned: u32) -> Vec<Op> {
         .collect()
 }
 
-struct Outcome {
-    points: usize,
-    recovered: usize,
-    flushed_bytes_lost: u64,
-    failures: Vec<String>,
-}
-
 /// What a run exercises.
 #[derive(Clone, Copy)]
 struct Mode {
@@ -342,10 +187,7 @@ fn enumerate(seed: u64, mode: Mode) -> Outcome {
 
     // Run the workload, recording.
     let ops = workload(&mut rng, mode.ops, mode.aligned);
-    let rec = Arc::new(Recorder {
-        mem: MemStorage::new(initial.clone()),
-        events: Mutex::new(Vec::new()),
-    });
+    let rec = Arc::new(Recorder::alone(initial.clone()));
     let start_tag = if differencing { PARENT } else { ZEROS };
     // model[s] after each flush op, by op index.
     let mut model = vec![start_tag; (DISK / SECTOR) as usize];
@@ -354,7 +196,7 @@ fn enumerate(seed: u64, mode: Mode) -> Outcome {
         let chain = open_chain(rec.clone(), true).unwrap();
         chain.leaf().commit_every_change(mode.commit_every_change);
         for (i, op) in ops.iter().enumerate() {
-            rec.record(Event::OpStart(i));
+            rec.mark(Mark::OpStart(i));
             match *op {
                 Op::Write { sector, count, tag } => {
                     let mut buf = Vec::with_capacity((count * SECTOR) as usize);
@@ -371,7 +213,7 @@ fn enumerate(seed: u64, mode: Mode) -> Outcome {
                 }
                 Op::Flush => {
                     chain.flush().unwrap();
-                    rec.record(Event::FlushDone(i));
+                    rec.mark(Mark::FlushDone(i));
                 }
             }
             for (s, t) in effect(op) {
@@ -381,117 +223,48 @@ fn enumerate(seed: u64, mode: Mode) -> Outcome {
                 snapshots.insert(i, model.clone());
             }
         }
-        rec.record(Event::OpStart(ops.len()));
+        rec.mark(Mark::OpStart(ops.len()));
         chain.close().unwrap();
     }
-    let events = rec.events.lock().unwrap().clone();
+    let events = rec.events();
 
-    // Walk the record, keeping the durable image up to date.
-    let mut durable = Arc::new(initial.clone());
-    let mut pending: Vec<usize> = Vec::new();
+    // Walk the record. At each crash point, the acceptable tags per sector: the state at the
+    // last completed flush, plus anything an op started since then wrote (ops up to `next_op`,
+    // the one in progress included).
     let mut last_flush_done: Option<usize> = None;
     let mut next_op = 0usize;
-    let mut out = Outcome {
-        points: 0,
-        recovered: 0,
-        flushed_bytes_lost: 0,
-        failures: Vec::new(),
-    };
-    let apply = |img: &mut Vec<u8>, e: &Event| match e {
-        Event::Write(off, data) => {
-            let end = (*off as usize) + data.len();
-            if img.len() < end {
-                img.resize(end, 0);
-            }
-            img[*off as usize..end].copy_from_slice(data);
-        }
-        Event::SetLen(len) => img.resize(*len as usize, 0),
-        _ => {}
-    };
-    for (i, e) in events.iter().enumerate() {
-        match e {
-            Event::Flush => {
-                let d = Arc::make_mut(&mut durable);
-                for &p in &pending {
-                    apply(d, &events[p]);
+    let mut seen = 0usize;
+    let mut base = Vec::new();
+    let mut extra: HashMap<u64, Vec<Tag>> = HashMap::new();
+    let mut out = Outcome::default();
+    for_each_crash_point(&events, vec![initial], &mut rng, |i, variant, images| {
+        if seen <= i {
+            for e in &events[seen..=i] {
+                match e {
+                    Event::Mark(Mark::OpStart(n)) => next_op = *n,
+                    Event::Mark(Mark::FlushDone(n)) => last_flush_done = Some(*n),
+                    _ => {}
                 }
-                pending.clear();
             }
-            Event::Write(..) | Event::SetLen(_) => pending.push(i),
-            Event::OpStart(n) => next_op = *n,
-            Event::FlushDone(n) => last_flush_done = Some(*n),
-        }
-        if !matches!(e, Event::Write(..) | Event::SetLen(_) | Event::Flush) {
-            continue;
-        }
-        // Acceptable tags per sector: the state at the last completed flush, plus anything an
-        // op started since then wrote (ops up to `next_op`, the one in progress included).
-        let base = match last_flush_done {
-            Some(f) => snapshots[&f].clone(),
-            None => vec![start_tag; model.len()],
-        };
-        let first_unflushed = last_flush_done.map_or(0, |f| f + 1);
-        let mut extra: HashMap<u64, Vec<Tag>> = HashMap::new();
-        for op in &ops[first_unflushed..=next_op.min(ops.len() - 1)] {
-            for (s, t) in effect(op) {
-                extra.entry(s).or_default().push(t);
-            }
-        }
-        for variant in 0..3 {
-            if variant > 0 && pending.is_empty() {
-                break;
-            }
-            let img = CrashImage::new(Arc::clone(&durable));
-            let put = |e: &Event| match e {
-                Event::Write(off, data) => img.write_at(data, *off).unwrap(),
-                Event::SetLen(len) => img.set_len(*len).unwrap(),
-                _ => {}
+            seen = i + 1;
+            base = match last_flush_done {
+                Some(f) => snapshots[&f].clone(),
+                None => vec![start_tag; model.len()],
             };
-            match variant {
-                0 => {}
-                1 => {
-                    let mut chosen: Vec<usize> = pending
-                        .iter()
-                        .copied()
-                        .filter(|_| rng.gen_bool(0.5))
-                        .collect();
-                    chosen.shuffle(&mut rng);
-                    for p in chosen {
-                        put(&events[p]);
-                    }
-                }
-                _ => {
-                    for &p in &pending {
-                        match &events[p] {
-                            Event::Write(off, data) => {
-                                for (k, piece) in data.chunks(4096).enumerate() {
-                                    if rng.gen_bool(0.5) {
-                                        img.write_at(piece, off + (k * 4096) as u64).unwrap();
-                                    }
-                                }
-                            }
-                            other => {
-                                if rng.gen_bool(0.5) {
-                                    put(other)
-                                }
-                            }
-                        }
-                    }
-                }
-            }
-            out.points += 1;
-            let what = format!("event {i} variant {variant}");
-            match verify(img, &open_chain, &base, &extra, &parent_content) {
-                Ok(()) => out.recovered += 1,
-                Err((msg, lost)) => {
-                    out.flushed_bytes_lost += lost;
-                    if out.failures.len() < 5 {
-                        out.failures.push(format!("{what}: {msg}"));
-                    }
+            let first_unflushed = last_flush_done.map_or(0, |f| f + 1);
+            extra.clear();
+            for op in &ops[first_unflushed..=next_op.min(ops.len() - 1)] {
+                for (s, t) in effect(op) {
+                    extra.entry(s).or_default().push(t);
                 }
             }
         }
-    }
+        let img = images.into_iter().next().unwrap();
+        out.count(
+            || format!("event {i} variant {variant}"),
+            verify(img, &open_chain, &base, &extra, &parent_content),
+        );
+    });
     out
 }
 
@@ -540,18 +313,7 @@ fn verify(
 }
 
 fn run(seed: u64, mode: Mode) {
-    let out = enumerate(seed, mode);
-    println!(
-        "crash points: {}, recovered: {}, flushed bytes lost: {}",
-        out.points, out.recovered, out.flushed_bytes_lost
-    );
-    assert!(
-        out.failures.is_empty() && out.recovered == out.points && out.flushed_bytes_lost == 0,
-        "{} of {} crash points did not recover; first failures:\n{}",
-        out.points - out.recovered,
-        out.points,
-        out.failures.join("\n")
-    );
+    enumerate(seed, mode).assert_all_recovered("");
 }
 
 const NORMAL: Mode = Mode {

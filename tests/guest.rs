@@ -38,7 +38,8 @@ use std::fs::{self, File};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -216,11 +217,47 @@ fn guest_dir() -> PathBuf {
     repo_root().join("tests/guest")
 }
 
-/// One guest at a time: two TCG guests on a 2-core machine would each take twice as long and
-/// risk their timeouts.
-fn one_guest() -> MutexGuard<'static, ()> {
-    static LOCK: Mutex<()> = Mutex::new(());
-    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+/// A test's turn with the guest, held from its set-up to its last check: one guest at a time,
+/// since two TCG guests on a 2-core machine would each take twice as long and risk their
+/// timeouts.
+struct Turn {
+    _one: MutexGuard<'static, ()>,
+    started: Instant,
+}
+
+impl Turn {
+    fn take() -> Turn {
+        static LOCK: Mutex<()> = Mutex::new(());
+        Turn {
+            _one: LOCK.lock().unwrap_or_else(|e| e.into_inner()),
+            started: Instant::now(),
+        }
+    }
+
+    /// The test passed: says how long it took.
+    fn done(self, test: &str) {
+        eprintln!(
+            "guest: {test}: {:.1} s in all",
+            self.started.elapsed().as_secs_f64()
+        );
+    }
+}
+
+/// Runs `guest` (a [`guest_run`]) while `beside` (a pauser, a killer) runs on a thread of its
+/// own, told by its flag once the guest has finished; returns the guest's result, its panic
+/// caught so that `beside` is always joined, and what `beside` returned.
+fn run_beside<T: Send + 'static>(
+    beside: impl FnOnce(Arc<AtomicBool>) -> T + Send + 'static,
+    guest: impl FnOnce() -> String,
+) -> (std::thread::Result<String>, T) {
+    let done = Arc::new(AtomicBool::new(false));
+    let thread = {
+        let done = done.clone();
+        std::thread::spawn(move || beside(done))
+    };
+    let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(guest));
+    done.store(true, Ordering::SeqCst);
+    (out, thread.join().unwrap())
 }
 
 /// Runs `guest-run --socket SOCK... --queues N OPTS... SCRIPT ARGS...` and returns the script's
@@ -381,8 +418,7 @@ fn pattern_two_queues_cache_none() {
 /// pattern.sh in a guest: two 8 MiB patterns written and read back through `/dev/vda`, then
 /// judged on the host. `command`: the backend (default: [`start_backend`]'s).
 fn pattern(test: &str, dir: tempfile::TempDir, command: Option<Vec<String>>) {
-    let _one = one_guest();
-    let t = Instant::now();
+    let turn = Turn::take();
     let image = dir.path().join("disk.vhdx");
     let socket = dir.path().join("vhost.sock");
     let pattern = dir.path().join("pattern.bin");
@@ -433,7 +469,7 @@ fn pattern(test: &str, dir: tempfile::TempDir, command: Option<Vec<String>>) {
         at = off + 8 * MIB;
     }
     assert_filled(&data, at, size, 0, "outside the pattern");
-    eprintln!("guest: {test}: {:.1} s in all", t.elapsed().as_secs_f64());
+    turn.done(test);
 }
 
 /// (b) ext2 (mounted by the ext4 driver) made in the guest, files copied on, verified after a
@@ -446,8 +482,7 @@ fn filesystem_copy_and_fstrim() {
     if ours_serves && skip_our_serve(test) {
         return;
     }
-    let _one = one_guest();
-    let t = Instant::now();
+    let turn = Turn::take();
     let dir = tempdir("guest-fs-");
     let image = dir.path().join("disk.vhdx");
     let socket = dir.path().join("vhost.sock");
@@ -547,7 +582,7 @@ fn filesystem_copy_and_fstrim() {
              back: the discards did not deallocate"
         );
     }
-    eprintln!("guest: {test}: {:.1} s in all", t.elapsed().as_secs_f64());
+    turn.done(test);
 }
 
 /// (c) fio with crc32c verification, libaio, iodepth 16, one job per queue on 2 queues; then
@@ -558,8 +593,7 @@ fn fio_verify_two_queues() {
     if foreign_backend().is_none() && skip_our_serve(test) {
         return;
     }
-    let _one = one_guest();
-    let t = Instant::now();
+    let turn = Turn::take();
     let dir = tempdir("guest-fio-");
     let image = dir.path().join("disk.vhdx");
     let socket = dir.path().join("vhost.sock");
@@ -585,24 +619,8 @@ fn fio_verify_two_queues() {
 
     assert_qemu_img_check_clean(&image, test);
     qemu_img_convert_raw(&image, &raw);
-    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get().min(2));
-    let host = Command::new("fio")
-        .args(["--verify_only", "--output-format=terse", s(&job)])
-        .current_dir(dir.path())
-        .env("FIO_DEV", &raw)
-        .env("FIO_SIZE", region.to_string())
-        .env("FIO_JOBS", "2")
-        .env("FIO_CPUS", format!("0-{}", cpus - 1))
-        .output()
-        .expect("run fio on the host");
-    let terse = String::from_utf8_lossy(&host.stdout);
-    assert!(
-        host.status.success() && terse.split(';').nth(4) == Some("0"),
-        "the host's fio --verify_only finds the guest's data wrong in the image ({}):\n{terse}{}",
-        host.status,
-        String::from_utf8_lossy(&host.stderr)
-    );
-    eprintln!("guest: {test}: {:.1} s in all", t.elapsed().as_secs_f64());
+    assert_host_fio_verifies(&job, dir.path(), &raw, region);
+    turn.done(test);
 }
 
 /// (d) A differencing chain of depth 2 served by our backend (QEMU cannot open differencing
@@ -613,8 +631,7 @@ fn differencing_chain_depth_2() {
     if skip_our_serve(test) {
         return;
     }
-    let _one = one_guest();
-    let t = Instant::now();
+    let turn = Turn::take();
     let dir = tempdir("guest-chain-");
     let base = dir.path().join("base.vhdx");
     let child = dir.path().join("child.vhdx");
@@ -675,7 +692,7 @@ fn differencing_chain_depth_2() {
         fs::read(&peer).unwrap() == expected,
         "pyvhdi reads the chain differently"
     );
-    eprintln!("guest: {test}: {:.1} s in all", t.elapsed().as_secs_f64());
+    turn.done(test);
 }
 
 /// (e) Write zeroes and discard inside a 0xff-filled range (1 MiB blocks, the discard covers two
@@ -687,8 +704,7 @@ fn discard_and_write_zeroes() {
     if ours_serves && skip_our_serve(test) {
         return;
     }
-    let _one = one_guest();
-    let t = Instant::now();
+    let turn = Turn::take();
     let dir = tempdir("guest-discard-");
     let image = dir.path().join("disk.vhdx");
     let socket = dir.path().join("vhost.sock");
@@ -728,7 +744,7 @@ fn discard_and_write_zeroes() {
     assert_filled(&data, disc, disc + disc_len, discarded, "discarded range");
     assert_filled(&data, disc + disc_len, fill + fill_len, 0xff, "fill");
     assert_filled(&data, fill + fill_len, size, 0, "after the fill");
-    eprintln!("guest: {test}: {:.1} s in all", t.elapsed().as_secs_f64());
+    turn.done(test);
 }
 
 // ------------------------------------------------------------------------------------- lifecycle
@@ -857,8 +873,7 @@ fn restarts_during_fio_verify(test: &str, signal: &'static str) {
     if skip_our_serve(test) {
         return;
     }
-    let _one = one_guest();
-    let t = Instant::now();
+    let turn = Turn::take();
     let dir = tempdir("guest-restart-");
     let image = dir.path().join("disk.vhdx");
     let socket = dir.path().join("vhost.sock");
@@ -867,20 +882,18 @@ fn restarts_during_fio_verify(test: &str, signal: &'static str) {
     let region = 48 * MIB;
     ours_ok(&["create", "-q", s(&image), "128M"]);
 
-    let backend = std::sync::Arc::new(Mutex::new(RestartingBackend::start(&image, &socket, 2)));
-    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let backend = Arc::new(Mutex::new(RestartingBackend::start(&image, &socket, 2)));
     let seed = rand::random::<u64>();
     eprintln!("guest: {test}: kill times from seed {seed}");
     // Each kill comes once the running backend has moved a random 4-24 MiB through its
     // image (/proc/PID/io): in the middle of the guest's fio job, not during its boot.
     let killer = {
         let backend = backend.clone();
-        let done = done.clone();
-        std::thread::spawn(move || {
+        move |done: Arc<AtomicBool>| {
             let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
             let mut kills = 0;
             let mut threshold = (4 + rng.next_u64() % 21) * MIB;
-            while kills < 3 && !done.load(std::sync::atomic::Ordering::SeqCst) {
+            while kills < 3 && !done.load(Ordering::SeqCst) {
                 let moved = {
                     let b = backend.lock().unwrap();
                     b.child.as_ref().map_or(0, |c| bytes_moved(c.id()))
@@ -893,7 +906,7 @@ fn restarts_during_fio_verify(test: &str, signal: &'static str) {
                 std::thread::sleep(Duration::from_millis(5));
             }
             kills
-        })
+        }
     };
     // guest_run only needs the socket path and a log for its failure message.
     let view = Backend {
@@ -902,7 +915,7 @@ fn restarts_during_fio_verify(test: &str, signal: &'static str) {
     };
     let args = ["/dev/vda".to_owned(), region.to_string()];
     let job_script = guest_dir().join("fio-verify.sh");
-    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+    let (result, kills) = run_beside(killer, || {
         guest_run(
             test,
             &[&view],
@@ -920,14 +933,8 @@ fn restarts_during_fio_verify(test: &str, signal: &'static str) {
             "restart-verify.sh",
             &args,
         )
-    }));
-    done.store(true, std::sync::atomic::Ordering::SeqCst);
-    let kills = killer.join().unwrap();
-    let backend = std::sync::Arc::try_unwrap(backend)
-        .ok()
-        .unwrap()
-        .into_inner()
-        .unwrap();
+    });
+    let backend = Arc::try_unwrap(backend).ok().unwrap().into_inner().unwrap();
     let out = result.unwrap_or_else(|e| {
         panic!(
             "{}\n{}",
@@ -944,13 +951,21 @@ fn restarts_during_fio_verify(test: &str, signal: &'static str) {
 
     assert_qemu_img_check_clean(&image, test);
     qemu_img_convert_raw(&image, &raw);
+    assert_host_fio_verifies(&job, dir.path(), &raw, region);
+    turn.done(test);
+}
+
+/// Host fio `--verify_only` with the guest's 2-job `job` over `region` bytes of `raw` (the image
+/// converted) must find every block the guest wrote. Runs in `dir`, where fio keeps its state.
+fn assert_host_fio_verifies(job: &Path, dir: &Path, raw: &Path, region: u64) {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get().min(2));
     let host = Command::new("fio")
-        .args(["--verify_only", "--output-format=terse", s(&job)])
-        .current_dir(dir.path())
-        .env("FIO_DEV", &raw)
+        .args(["--verify_only", "--output-format=terse", s(job)])
+        .current_dir(dir)
+        .env("FIO_DEV", raw)
         .env("FIO_SIZE", region.to_string())
         .env("FIO_JOBS", "2")
-        .env("FIO_CPUS", "0-1")
+        .env("FIO_CPUS", format!("0-{}", cpus - 1))
         .output()
         .expect("run fio on the host");
     let terse = String::from_utf8_lossy(&host.stdout);
@@ -960,7 +975,6 @@ fn restarts_during_fio_verify(test: &str, signal: &'static str) {
         host.status,
         String::from_utf8_lossy(&host.stderr)
     );
-    eprintln!("guest: {test}: {:.1} s in all", t.elapsed().as_secs_f64());
 }
 
 /// Bytes a process has read and written (`rchar + wchar` of /proc/PID/io).
@@ -1034,8 +1048,7 @@ fn qmp_stop_and_cont_during_large_reads() {
     if skip_our_serve(test) {
         return;
     }
-    let _one = one_guest();
-    let t = Instant::now();
+    let turn = Turn::take();
     let dir = tempdir("guest-stopcont-");
     let image = dir.path().join("disk.vhdx");
     let socket = dir.path().join("vhost.sock");
@@ -1043,13 +1056,11 @@ fn qmp_stop_and_cont_during_large_reads() {
     ours_ok(&["create", "-q", s(&image), "128M"]);
     let backend = Backend::start_ours(&image, &socket, 1);
 
-    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let seed = rand::random::<u64>();
     eprintln!("guest: {test}: stop/cont times from seed {seed}");
     let pauser = {
-        let done = done.clone();
         let qmp_path = qmp_path.clone();
-        std::thread::spawn(move || {
+        move |done: Arc<AtomicBool>| {
             let Some(mut qmp) = Qmp::connect(&qmp_path, Duration::from_secs(60)) else {
                 return 0;
             };
@@ -1058,7 +1069,7 @@ fn qmp_stop_and_cont_during_large_reads() {
             std::thread::sleep(Duration::from_secs(4));
             // Forty cycles at random moments, then the guest runs on: a guest that hangs
             // after them lost a completion or an interrupt.
-            while cycles < 40 && !done.load(std::sync::atomic::Ordering::SeqCst) {
+            while cycles < 40 && !done.load(Ordering::SeqCst) {
                 if qmp.run("stop").is_none() {
                     break;
                 }
@@ -1070,10 +1081,10 @@ fn qmp_stop_and_cont_during_large_reads() {
                 std::thread::sleep(Duration::from_millis(150 + rng.next_u64() % 550));
             }
             cycles
-        })
+        }
     };
     let args = ["/dev/vda".to_owned(), "20".to_owned()];
-    let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+    let (out, cycles) = run_beside(pauser, || {
         guest_run(
             test,
             &[&backend],
@@ -1082,16 +1093,14 @@ fn qmp_stop_and_cont_during_large_reads() {
             "stop-cont.sh",
             &args,
         )
-    }));
-    done.store(true, std::sync::atomic::Ordering::SeqCst);
-    let cycles = pauser.join().unwrap();
+    });
     let out = out.unwrap_or_else(|e| std::panic::resume_unwind(e));
     eprintln!("guest: {test}: {cycles} stop/cont cycles");
     assert!(cycles >= 3, "only {cycles} stop/cont cycles ran:\n{out}");
     backend.stop();
     assert_line(&out, "STOP CONT OK");
     assert_qemu_img_check_clean(&image, test);
-    eprintln!("guest: {test}: {:.1} s in all", t.elapsed().as_secs_f64());
+    turn.done(test);
 }
 
 /// (Issue 10) The VM is reset (QMP `system_reset`) while the guest reads 4 MiB blocks with
@@ -1104,8 +1113,7 @@ fn qmp_system_reset_during_large_reads() {
     if skip_our_serve(test) {
         return;
     }
-    let _one = one_guest();
-    let t = Instant::now();
+    let turn = Turn::take();
     let dir = tempdir("guest-reset-");
     let image = dir.path().join("disk.vhdx");
     let socket = dir.path().join("vhost.sock");
@@ -1114,25 +1122,23 @@ fn qmp_system_reset_during_large_reads() {
     let backend = Backend::start_ours(&image, &socket, 1);
     let pid = backend.child.as_ref().unwrap().id();
 
-    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let resetter = {
-        let done = done.clone();
         let qmp_path = qmp_path.clone();
-        std::thread::spawn(move || {
+        move |done: Arc<AtomicBool>| {
             let mut qmp = Qmp::connect(&qmp_path, Duration::from_secs(60))?;
             // Reset once the first boot's read loop has moved 96 MiB through the backend.
             let start = bytes_moved(pid);
             while bytes_moved(pid) < start + 96 * MIB {
-                if done.load(std::sync::atomic::Ordering::SeqCst) {
+                if done.load(Ordering::SeqCst) {
                     return None;
                 }
                 std::thread::sleep(Duration::from_millis(5));
             }
             qmp.run("system_reset")
-        })
+        }
     };
     let args = ["/dev/vda".to_owned()];
-    let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+    let (out, reset) = run_beside(resetter, || {
         guest_run(
             test,
             &[&backend],
@@ -1148,13 +1154,11 @@ fn qmp_system_reset_during_large_reads() {
             "reset.sh",
             &args,
         )
-    }));
-    done.store(true, std::sync::atomic::Ordering::SeqCst);
-    let reset = resetter.join().unwrap();
+    });
     let out = out.unwrap_or_else(|e| std::panic::resume_unwind(e));
     assert!(reset.is_some(), "the VM was not reset:\n{out}");
     backend.stop();
     assert_line(&out, "RESET OK");
     assert_qemu_img_check_clean(&image, test);
-    eprintln!("guest: {test}: {:.1} s in all", t.elapsed().as_secs_f64());
+    turn.done(test);
 }

@@ -98,24 +98,8 @@ fn the_raw_frontend_behaving_is_served() {
             assert_eq!(&id[..12], b"raw-frontend");
         }
         // Many in flight at once on one queue.
-        let reqs: Vec<Pending> = (0..80u64)
-            .map(|i| {
-                let buf = mem.alloc(4096, 4096);
-                f.add(
-                    &mem,
-                    0,
-                    &Blk::Read {
-                        sector: 100 + (i % 16) * 8,
-                        len: 4096,
-                    },
-                    buf,
-                )
-            })
-            .collect();
-        f.kick(0);
-        while f.queues[0].in_flight() > 0 {
-            f.wait(&mem, 0);
-        }
+        let reqs = f.reads(&mem, 0, (0..80u64).map(|i| 100 + (i % 16) * 8), 4096);
+        f.drain(&mem, 0);
         assert!(reqs.iter().all(|p| mem.get(p.status, 1)[0] == blk::S_OK));
         f.close();
         c.serve.terminate_within(Duration::from_secs(2));
@@ -128,10 +112,7 @@ fn the_raw_frontend_behaving_is_served() {
 
 #[test]
 fn avail_idx_jump_beyond_queue_size_with_event_idx() {
-    let mut c = Case::start(&[]);
-    c.write_mark();
-    let mem = Memory::new(0, 16 * MIB);
-    let mut f = c.connect();
+    let (c, mem, mut f) = Case::marked(&[], 16 * MIB);
     f.start(&mem, &Setup::default());
     f.read(&mem, 0, 0, 4096);
     let r = &f.queues[0];
@@ -144,10 +125,7 @@ fn avail_idx_jump_beyond_queue_size_with_event_idx() {
 /// A read whose buffer is one of the queue's own rings: the device overwrites the ring with
 /// disk data (the mark).
 fn data_overlaps_ring(used: bool) {
-    let mut c = Case::start(&[]);
-    c.write_mark();
-    let mem = Memory::new(0, 16 * MIB);
-    let mut f = c.connect();
+    let (c, mem, mut f) = Case::marked(&[], 16 * MIB);
     f.start(&mem, &Setup::default());
     let r = &f.queues[0];
     let target = if used { r.used } else { r.avail };
@@ -179,10 +157,7 @@ fn data_buffer_overlaps_the_used_ring() {
 
 #[test]
 fn set_vring_base_beyond_the_ring() {
-    let mut c = Case::start(&[]);
-    c.write_mark();
-    let mem = Memory::new(0, 16 * MIB);
-    let mut f = c.connect();
+    let (c, mem, mut f) = Case::marked(&[], 16 * MIB);
     f.negotiate(&Setup::default());
     f.set_mem_table(&[mem.region()]).unwrap();
     let r = Ring::new(&mem, 0, 256, RingPlace::default(), true);
@@ -207,10 +182,7 @@ fn set_vring_base_beyond_the_ring() {
 
 #[test]
 fn ring_at_guest_physical_address_zero_is_served() {
-    let mut c = Case::start(&[]);
-    c.write_mark();
-    let mem = Memory::new(0, 16 * MIB);
-    let mut f = c.connect();
+    let (c, mem, mut f) = Case::marked(&[], 16 * MIB);
     f.start(
         &mem,
         &Setup {
@@ -234,10 +206,7 @@ fn ring_at_guest_physical_address_zero_is_served() {
 
 #[test]
 fn set_vring_num_not_a_power_of_two_is_refused_or_used() {
-    let mut c = Case::start(&[]);
-    c.write_mark();
-    let mem = Memory::new(0, 16 * MIB);
-    let mut f = c.connect();
+    let (c, mem, mut f) = Case::marked(&[], 16 * MIB);
     f.negotiate(&Setup::default());
     f.set_mem_table(&[mem.region()]).unwrap();
     // The used ring gets room for 256 entries so that a device still using 256 writes
@@ -280,10 +249,7 @@ fn set_vring_num_not_a_power_of_two_is_refused_or_used() {
 
 #[test]
 fn memory_region_larger_than_its_memfd_is_refused() {
-    let mut c = Case::start(&[]);
-    c.write_mark();
-    let mem = Memory::new(0, 16 * MIB);
-    let mut f = c.connect();
+    let (mut c, mem, mut f) = Case::marked(&[], 16 * MIB);
     f.negotiate(&Setup::default());
     let mut region = mem.region();
     region.size = 32 * MIB;
@@ -321,10 +287,7 @@ enum Missing {
 /// 16 MiB of guest memory, shrunk to 8 MiB after SET_MEM_TABLE; `what` is at 12 MiB.
 fn truncated_memfd(what: Missing) {
     const GONE: u64 = 12 * MIB;
-    let mut c = Case::start(&[]);
-    c.write_mark();
-    let mem = Memory::new(0, 16 * MIB);
-    let mut f = c.connect();
+    let (mut c, mem, mut f) = Case::marked(&[], 16 * MIB);
     let place0 = if what == Missing::UsedRing {
         RingPlace {
             used: Some(GONE),
@@ -407,10 +370,7 @@ fn truncated_memfd_data_buffer_fails_the_request_not_the_image() {
 /// queue must serve.
 #[test]
 fn kicks_before_set_mem_table_on_a_second_connection() {
-    let mut c = Case::start(&[]);
-    c.write_mark();
-    let mem = Memory::new(0, 16 * MIB);
-    let mut f = c.connect();
+    let (c, mem, mut f) = Case::marked(&[], 16 * MIB);
     f.negotiate(&Setup::default());
     let r = Ring::new(&mem, 0, 256, RingPlace::default(), true);
     f.set_vring_num(0, 256).unwrap();
@@ -463,10 +423,7 @@ fn still_usable(f: &mut Frontend, mem: &Memory) {
 
 #[test]
 fn nine_regions_in_set_mem_table_are_refused() {
-    let mut c = Case::start(&[]);
-    c.write_mark();
-    let mem = Memory::new(0, 32 * MIB);
-    let mut f = c.connect();
+    let (mut c, mem, mut f) = Case::marked(&[], 32 * MIB);
     f.negotiate(&Setup::default());
     let r = f.set_mem_table(&slices(&mem, 9, 2 * MIB));
     c.serve.assert_alive("after SET_MEM_TABLE with 9 regions");

@@ -26,10 +26,18 @@ fn io(img: &Path, cmds: &[&str]) {
     ours_ok(&args);
 }
 
-/// Our view of the chain at `img` as a raw file.
-fn flatten(img: &Path, out: &Path) {
-    let _ = std::fs::remove_file(out);
-    ours_ok(&["convert", "-O", "raw", s(img), s(out)]);
+/// Our view of the chain at `img` as a raw file at `out`; returns `out`.
+fn flatten(img: &Path, out: PathBuf) -> PathBuf {
+    let _ = std::fs::remove_file(&out);
+    ours_ok(&["convert", "-O", "raw", s(img), s(&out)]);
+    out
+}
+
+/// pyvhdi's view of `chain` (top first) as a raw file `pyvhdi.raw` in `dir`.
+fn pyvhdi_flatten(dir: &Path, chain: &[&Path]) -> PathBuf {
+    let out = dir.join("pyvhdi.raw");
+    pyvhdi_read_raw(&out, chain);
+    out
 }
 
 fn our_check_clean(img: &Path) {
@@ -89,8 +97,7 @@ fn parent_and_child(dir: &Path, parent_opts: &str) -> (PathBuf, PathBuf) {
 fn commit_and_judge(parent_opts: &str, qemu_reads: bool) {
     let dir = tempdir("commit-");
     let (parent, child) = parent_and_child(dir.path(), parent_opts);
-    let before = dir.path().join("before.raw");
-    flatten(&child, &before);
+    let before = flatten(&child, dir.path().join("before.raw"));
     let out = ours_ok(&["commit", s(&child)]);
     assert!(out.contains("committed"), "{out}");
     assert!(!child.exists(), "the child is removed without -d");
@@ -99,11 +106,9 @@ fn commit_and_judge(parent_opts: &str, qemu_reads: bool) {
         assert_qemu_img_check_clean(&parent, "committed parent");
         qemu_img_ok(&["compare", "-f", "raw", "-F", "vhdx", s(&before), s(&parent)]);
     }
-    let ours_after = dir.path().join("after.raw");
-    flatten(&parent, &ours_after);
+    let ours_after = flatten(&parent, dir.path().join("after.raw"));
     assert_files_equal(&before, &ours_after, "our read of the committed parent");
-    let by_pyvhdi = dir.path().join("pyvhdi.raw");
-    pyvhdi_read_raw(&by_pyvhdi, &[&parent]);
+    let by_pyvhdi = pyvhdi_flatten(dir.path(), &[&parent]);
     assert_files_equal(&before, &by_pyvhdi, "pyvhdi's read of the committed parent");
 }
 
@@ -131,8 +136,7 @@ fn commit_into_a_parent_qemu_made() {
     qemu_io_ok(&parent, &["write -P 0x31 0 6M", "write -P 0x32 9M 3M"]);
     ours_ok(&["create", "-b", s(&parent), s(&child)]);
     io(&child, &["write -P 0x41 2M 3M", "write -P 0x42 10M 512"]);
-    let before = dir.path().join("before.raw");
-    flatten(&child, &before);
+    let before = flatten(&child, dir.path().join("before.raw"));
     ours_ok(&["commit", s(&child)]);
     assert_qemu_img_check_clean(&parent, "committed qemu-made parent");
     qemu_img_ok(&["compare", "-f", "raw", "-F", "vhdx", s(&before), s(&parent)]);
@@ -151,8 +155,7 @@ fn commit_into_a_parent_qemu_made() {
 fn commit_d_leaves_an_empty_valid_child() {
     let dir = tempdir("commit-d-");
     let (parent, child) = parent_and_child(dir.path(), "block_size=1M");
-    let before = dir.path().join("before.raw");
-    flatten(&child, &before);
+    let before = flatten(&child, dir.path().join("before.raw"));
     ours_ok(&["commit", "-d", s(&child)]);
     assert!(child.exists());
     let states = block_states(&child);
@@ -170,8 +173,7 @@ fn commit_d_leaves_an_empty_valid_child() {
     qemu_img_ok(&["compare", "-f", "raw", "-F", "vhdx", s(&before), s(&parent)]);
     // pyvhdi links the chain only when the child's parent_linkage is the parent's
     // DataWriteGuid.
-    let by_pyvhdi = dir.path().join("pyvhdi.raw");
-    pyvhdi_read_raw(&by_pyvhdi, &[&child, &parent]);
+    let by_pyvhdi = pyvhdi_flatten(dir.path(), &[&child, &parent]);
     assert_files_equal(&before, &by_pyvhdi, "pyvhdi's read of the emptied chain");
     let locator = &info(&child)["format-specific"]["data"]["parent-locator"];
     assert!(locator.get("parent_linkage2").is_none(), "{locator}");
@@ -188,8 +190,7 @@ fn commit_b_merges_every_level_down_to_base() {
     let top = dir.path().join("top.vhdx");
     ours_ok(&["create", "-b", s(&mid), s(&top)]);
     io(&top, &["write -P 0x51 0 1M", "write -P 0x52 7M 8192"]);
-    let before = dir.path().join("before.raw");
-    flatten(&top, &before);
+    let before = flatten(&top, dir.path().join("before.raw"));
     let out = ours_ok(&["commit", "-d", "-p", "-b", s(&base), s(&top)]);
     assert!(out.contains("Removed"), "{out}");
     assert!(
@@ -205,8 +206,7 @@ fn commit_b_merges_every_level_down_to_base() {
         2,
         "top now sits on base: {chain}"
     );
-    let by_pyvhdi = dir.path().join("pyvhdi.raw");
-    pyvhdi_read_raw(&by_pyvhdi, &[&top, &base]);
+    let by_pyvhdi = pyvhdi_flatten(dir.path(), &[&top, &base]);
     assert_files_equal(&before, &by_pyvhdi, "pyvhdi's read of top over base");
 }
 
@@ -226,19 +226,14 @@ fn commit_into_a_middle_level_reads_through_its_parent() {
             "write -P 0x63 0 1M",
         ],
     );
-    let before = dir.path().join("before.raw");
-    flatten(&top, &before);
-    let base_before = dir.path().join("base.raw");
-    flatten(&base, &base_before);
+    let before = flatten(&top, dir.path().join("before.raw"));
+    let base_before = flatten(&base, dir.path().join("base.raw"));
     ours_ok(&["commit", s(&top)]);
-    let after = dir.path().join("after.raw");
-    flatten(&mid, &after);
+    let after = flatten(&mid, dir.path().join("after.raw"));
     assert_files_equal(&before, &after, "the middle level after the commit");
-    let by_pyvhdi = dir.path().join("pyvhdi.raw");
-    pyvhdi_read_raw(&by_pyvhdi, &[&mid, &base]);
+    let by_pyvhdi = pyvhdi_flatten(dir.path(), &[&mid, &base]);
     assert_files_equal(&before, &by_pyvhdi, "pyvhdi's read of the middle level");
-    let base_after = dir.path().join("base-after.raw");
-    flatten(&base, &base_after);
+    let base_after = flatten(&base, dir.path().join("base-after.raw"));
     assert_files_equal(
         &base_before,
         &base_after,
@@ -254,22 +249,19 @@ fn a_child_with_children_is_kept_not_removed() {
     let grandchild = dir.path().join("grandchild.vhdx");
     ours_ok(&["create", "-b", s(&child), s(&grandchild)]);
     io(&grandchild, &["write -P 0x71 2M 4096"]);
-    let before = dir.path().join("before.raw");
-    flatten(&grandchild, &before);
+    let before = flatten(&grandchild, dir.path().join("before.raw"));
     refused(&["commit", s(&child)], "grandchild.vhdx is also a child of");
     assert!(child.exists());
     // With -d the child stays, reads the same and keeps its identity: the grandchild's chain
     // still opens and reads as before.
     ours_ok(&["commit", "-d", s(&child)]);
-    let after = dir.path().join("after.raw");
-    flatten(&grandchild, &after);
+    let after = flatten(&grandchild, dir.path().join("after.raw"));
     assert_files_equal(
         &before,
         &after,
         "the grandchild's chain after commit -d of its parent",
     );
-    let by_pyvhdi = dir.path().join("pyvhdi.raw");
-    pyvhdi_read_raw(&by_pyvhdi, &[&grandchild, &child, &parent]);
+    let by_pyvhdi = pyvhdi_flatten(dir.path(), &[&grandchild, &child, &parent]);
     assert_files_equal(
         &before,
         &by_pyvhdi,
@@ -359,16 +351,14 @@ fn bad_input_is_refused_and_nothing_changes() {
 fn rebase_relinks_a_moved_parent() {
     let dir = tempdir("rebase-");
     let (parent, child) = parent_and_child(dir.path(), "block_size=1M");
-    let before = dir.path().join("before.raw");
-    flatten(&child, &before);
+    let before = flatten(&child, dir.path().join("before.raw"));
     let store = dir.path().join("store");
     std::fs::create_dir(&store).unwrap();
     let moved = store.join("renamed.vhdx");
     std::fs::rename(&parent, &moved).unwrap();
     refused(&["info", s(&child)], "not found");
     ours_ok(&["rebase", "-u", "-b", s(&moved), s(&child)]);
-    let after = dir.path().join("after.raw");
-    flatten(&child, &after);
+    let after = flatten(&child, dir.path().join("after.raw"));
     assert_files_equal(&before, &after, "the chain after rebase");
     let locator = info(&child)["format-specific"]["data"]["parent-locator"].clone();
     assert_eq!(locator["relative_path"], r"store\renamed.vhdx", "{locator}");
@@ -380,8 +370,7 @@ fn rebase_relinks_a_moved_parent() {
         "{locator}"
     );
     our_check_clean(&child);
-    let by_pyvhdi = dir.path().join("pyvhdi.raw");
-    pyvhdi_read_raw(&by_pyvhdi, &[&child, &moved]);
+    let by_pyvhdi = pyvhdi_flatten(dir.path(), &[&child, &moved]);
     assert_files_equal(&before, &by_pyvhdi, "pyvhdi's read after rebase");
 
     // --force relinks to a different disk (the child now reads it under its own data).
@@ -398,8 +387,7 @@ fn an_interrupted_commit_is_reported_and_finished_by_running_it_again() {
 
     let dir = tempdir("commit-again-");
     let (parent, child) = parent_and_child(dir.path(), "block_size=1M");
-    let before = dir.path().join("before.raw");
-    flatten(&child, &before);
+    let before = flatten(&child, dir.path().join("before.raw"));
     // What a commit killed half-way leaves: the child records the parent's future identity G,
     // and the parent has G and part of the child's data (where the child shadows it).
     let g = uuid::Uuid::new_v4();
@@ -419,8 +407,7 @@ fn an_interrupted_commit_is_reported_and_finished_by_running_it_again() {
     );
     let out = ours_ok(&["info", s(&child)]);
     assert!(out.contains("did not finish"), "{out}");
-    let during = dir.path().join("during.raw");
-    flatten(&child, &during);
+    let during = flatten(&child, dir.path().join("during.raw"));
     assert_files_equal(&before, &during, "the chain in the middle of a commit");
 
     ours_ok(&["commit", s(&child)]);
@@ -442,13 +429,11 @@ fn commit_into_a_parent_windows_made() {
             "write -z 5M 64k",
         ],
     );
-    let before = dir.path().join("before.raw");
-    flatten(&child, &before);
+    let before = flatten(&child, dir.path().join("before.raw"));
     ours_ok(&["commit", s(&child)]);
     assert_qemu_img_check_clean(&parent, "committed Windows-made parent");
     qemu_img_ok(&["compare", "-f", "raw", "-F", "vhdx", s(&before), s(&parent)]);
-    let by_pyvhdi = dir.path().join("pyvhdi.raw");
-    pyvhdi_read_raw(&by_pyvhdi, &[&parent]);
+    let by_pyvhdi = pyvhdi_flatten(dir.path(), &[&parent]);
     assert_files_equal(
         &before,
         &by_pyvhdi,

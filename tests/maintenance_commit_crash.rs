@@ -10,86 +10,22 @@
 
 mod common;
 
-use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
+use common::crash_storage::{for_each_crash_point, CrashImage, Event, Outcome, Record, Recorder};
 use rand::rngs::StdRng;
-use rand::seq::SliceRandom;
-use rand::{Rng, SeedableRng};
+use rand::SeedableRng;
 use uuid::Uuid;
 use vhost_user_vhdx::vhdx::commit::{commit, CommitOptions};
 use vhost_user_vhdx::vhdx::create::{self, CreateOptions};
 use vhost_user_vhdx::vhdx::{chain, check};
 use vhost_user_vhdx::vhdx::{
-    Chain, ChainOptions, DataWriteGuid, MemStorage, PayloadBlockState, Storage, VhdxFile,
+    Chain, ChainOptions, DataWriteGuid, PayloadBlockState, Storage, VhdxFile,
 };
 
 const MIB: u64 = 1 << 20;
 const DISK: u64 = 8 * MIB + 64 * 1024;
-
-#[derive(Clone)]
-enum Event {
-    Write(usize, u64, Arc<Vec<u8>>),
-    SetLen(usize, u64),
-    Flush(usize),
-}
-
-/// One file's storage in memory; every change goes into the record both files share.
-struct Recorder {
-    file: usize,
-    mem: MemStorage,
-    events: Arc<Mutex<Vec<Event>>>,
-}
-
-impl Storage for Recorder {
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
-        self.mem.read_at(buf, offset)
-    }
-    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
-        // Recorded under the lock it is applied under, so the record is the true order.
-        let mut ev = self.events.lock().unwrap();
-        self.mem.write_at(buf, offset)?;
-        ev.push(Event::Write(self.file, offset, Arc::new(buf.to_vec())));
-        Ok(())
-    }
-    fn flush(&self) -> io::Result<()> {
-        self.events.lock().unwrap().push(Event::Flush(self.file));
-        Ok(())
-    }
-    fn len(&self) -> io::Result<u64> {
-        self.mem.len()
-    }
-    fn set_len(&self, len: u64) -> io::Result<()> {
-        let mut ev = self.events.lock().unwrap();
-        self.mem.set_len(len)?;
-        ev.push(Event::SetLen(self.file, len));
-        Ok(())
-    }
-}
-
-/// An event in a failure message (without the data); files are numbered from the top.
-fn describe(e: &Event) -> String {
-    match e {
-        Event::Write(f, off, data) => format!("write {} bytes at {off:#x} of file {f}", data.len()),
-        Event::SetLen(f, len) => format!("set file {f}'s length to {len:#x}"),
-        Event::Flush(f) => format!("flush file {f}"),
-    }
-}
-
-fn apply(img: &mut Vec<u8>, e: &Event) {
-    match e {
-        Event::Write(_, off, data) => {
-            let end = *off as usize + data.len();
-            if img.len() < end {
-                img.resize(end, 0);
-            }
-            img[*off as usize..end].copy_from_slice(data);
-        }
-        Event::SetLen(_, len) => img.resize(*len as usize, 0),
-        Event::Flush(_) => {}
-    }
-}
 
 fn create_child(child: &Path, parent: &Path) {
     create::create(
@@ -263,10 +199,10 @@ fn linked(storages: &[Arc<dyn Storage>], sc: &Scenario) -> Result<Vec<usize>, St
 }
 
 /// The crash images of one point: open, check, read, then commit again and look at the result.
-fn verify(images: Vec<Vec<u8>>, sc: &Scenario, expected: &[u8]) -> Result<(), (String, u64)> {
+fn verify(images: Vec<CrashImage>, sc: &Scenario, expected: &[u8]) -> Result<(), (String, u64)> {
     let all: Vec<Arc<dyn Storage>> = images
         .into_iter()
-        .map(|b| Arc::new(MemStorage::new(b)) as Arc<dyn Storage>)
+        .map(|img| Arc::new(img) as Arc<dyn Storage>)
         .collect();
     // The chain as it is linked now, and the same commit on it (as `commit_files` finds it).
     let order = linked(&all, sc).map_err(|e| (e, 0))?;
@@ -311,13 +247,6 @@ fn verify(images: Vec<Vec<u8>>, sc: &Scenario, expected: &[u8]) -> Result<(), (S
     Ok(())
 }
 
-struct Outcome {
-    points: usize,
-    recovered: usize,
-    lost: u64,
-    failures: Vec<String>,
-}
-
 fn enumerate(seed: u64, three: bool, target: usize, keep_top: bool) -> Outcome {
     let mut rng = StdRng::seed_from_u64(seed);
     let dir = common::tempdir("commit-crash-");
@@ -329,14 +258,10 @@ fn enumerate(seed: u64, three: bool, target: usize, keep_top: bool) -> Outcome {
         keep_top,
     };
     let initial: Vec<Vec<u8>> = sc.files.iter().map(|p| std::fs::read(p).unwrap()).collect();
-    let events = Arc::new(Mutex::new(Vec::new()));
+    let events: Record = Arc::new(Mutex::new(Vec::new()));
     let storages: Vec<Arc<dyn Storage>> = (0..initial.len())
         .map(|file| {
-            Arc::new(Recorder {
-                file,
-                mem: MemStorage::new(initial[file].clone()),
-                events: Arc::clone(&events),
-            }) as Arc<dyn Storage>
+            Arc::new(Recorder::new(file, initial[file].clone(), &events)) as Arc<dyn Storage>
         })
         .collect();
     run_commit(&storages, &sc).unwrap();
@@ -356,98 +281,20 @@ fn enumerate(seed: u64, three: bool, target: usize, keep_top: bool) -> Outcome {
         "the commit wrote to a parent of its target"
     );
 
-    let mut durable = initial.clone();
-    let mut pending: Vec<Vec<usize>> = vec![Vec::new(); initial.len()];
-    let mut out = Outcome {
-        points: 0,
-        recovered: 0,
-        lost: 0,
-        failures: Vec::new(),
-    };
-    for (i, e) in events.iter().enumerate() {
-        match e {
-            Event::Flush(f) => {
-                for &p in &pending[*f] {
-                    apply(&mut durable[*f], &events[p]);
-                }
-                pending[*f].clear();
-            }
-            Event::Write(f, ..) | Event::SetLen(f, _) => pending[*f].push(i),
-        }
-        for variant in 0..3 {
-            if variant > 0 && pending.iter().all(Vec::is_empty) {
-                break;
-            }
-            let mut images = durable.clone();
-            for (f, img) in images.iter_mut().enumerate() {
-                match variant {
-                    0 => {}
-                    1 => {
-                        let mut chosen: Vec<usize> = pending[f]
-                            .iter()
-                            .copied()
-                            .filter(|_| rng.gen_bool(0.5))
-                            .collect();
-                        chosen.shuffle(&mut rng);
-                        for p in chosen {
-                            apply(img, &events[p]);
-                        }
-                    }
-                    _ => {
-                        for &p in &pending[f] {
-                            match &events[p] {
-                                Event::Write(x, off, data) => {
-                                    for (k, piece) in data.chunks(4096).enumerate() {
-                                        if rng.gen_bool(0.5) {
-                                            let at = off + (k * 4096) as u64;
-                                            let torn =
-                                                Event::Write(*x, at, Arc::new(piece.to_vec()));
-                                            apply(img, &torn);
-                                        }
-                                    }
-                                }
-                                other => {
-                                    if rng.gen_bool(0.5) {
-                                        apply(img, other)
-                                    }
-                                }
-                            }
-                        }
-                    }
-                }
-            }
-            out.points += 1;
-            match verify(images, &sc, &expected) {
-                Ok(()) => out.recovered += 1,
-                Err((msg, lost)) => {
-                    out.lost += lost;
-                    if out.failures.len() < 5 {
-                        out.failures.push(format!(
-                            "event {i} ({}) variant {variant}: {msg}",
-                            describe(e)
-                        ));
-                    }
-                }
-            }
-        }
-    }
+    let mut out = Outcome::default();
+    for_each_crash_point(&events, initial, &mut rng, |i, variant, images| {
+        out.count(
+            || format!("event {i} ({}) variant {variant}", events[i].describe()),
+            verify(images, &sc, &expected),
+        );
+    });
     out
 }
 
 fn run(seed: u64, three: bool, target: usize, keep_top: bool) {
     let out = enumerate(seed, three, target, keep_top);
-    println!(
-        "crash points: {}, recovered: {}, flushed bytes lost: {}",
-        out.points, out.recovered, out.lost
-    );
     assert!(out.points > 20, "too few crash points: {}", out.points);
-    assert!(
-        out.failures.is_empty() && out.recovered == out.points && out.lost == 0,
-        "{} of {} crash points did not recover; first failures:\n{}",
-        out.points - out.recovered,
-        out.points,
-        out.failures.join("\n")
-    );
+    out.assert_all_recovered("");
 }
 
 #[test]

@@ -7,13 +7,12 @@
 
 mod common;
 
-use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
+use common::crash_storage::{for_each_crash_point, CrashImage, Outcome, Recorder};
 use rand::rngs::StdRng;
-use rand::seq::SliceRandom;
-use rand::{Rng, SeedableRng};
+use rand::SeedableRng;
 use vhost_user_vhdx::vhdx::check;
 use vhost_user_vhdx::vhdx::compact::compact;
 use vhost_user_vhdx::vhdx::create::{self, CreateOptions, Subformat};
@@ -23,160 +22,6 @@ use vhost_user_vhdx::vhdx::{Chain, MemStorage, ReadSource, Storage, VhdxFile};
 const MIB: u64 = 1 << 20;
 /// Disks are compared byte for byte up to here; past it they must be unallocated.
 const COMPARED: u64 = 64 * MIB;
-
-// The recording and crash-image layers below are those of tests/crash.rs.
-
-#[derive(Clone, Debug)]
-enum Event {
-    Write(u64, Arc<Vec<u8>>),
-    SetLen(u64),
-    Flush,
-}
-
-/// Storage that applies everything to a memory file and records it.
-#[derive(Default)]
-struct Recorder {
-    mem: MemStorage,
-    events: Mutex<Vec<Event>>,
-}
-
-impl Recorder {
-    fn record(&self, e: Event) {
-        self.events.lock().unwrap().push(e);
-    }
-}
-
-impl Storage for Recorder {
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
-        self.mem.read_at(buf, offset)
-    }
-    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
-        // Recorded under the same lock order as applied, so the record is the true order.
-        let mut ev = self.events.lock().unwrap();
-        self.mem.write_at(buf, offset)?;
-        ev.push(Event::Write(offset, Arc::new(buf.to_vec())));
-        Ok(())
-    }
-    fn flush(&self) -> io::Result<()> {
-        self.record(Event::Flush);
-        Ok(())
-    }
-    fn len(&self) -> io::Result<u64> {
-        self.mem.len()
-    }
-    fn set_len(&self, len: u64) -> io::Result<()> {
-        let mut ev = self.events.lock().unwrap();
-        self.mem.set_len(len)?;
-        ev.push(Event::SetLen(len));
-        Ok(())
-    }
-}
-
-/// A crash image: the durable file, shared, with the writes that made it to disk laid over it
-/// in 4 KiB pages, so that thousands of images cost no copies of the whole file.
-struct CrashImage {
-    base: Arc<Vec<u8>>,
-    state: Mutex<CrashState>,
-}
-
-struct CrashState {
-    pages: std::collections::BTreeMap<u64, Box<[u8; 4096]>>,
-    len: u64,
-    /// Bytes of `base` past this read as zeros (the file was cut shorter).
-    base_limit: u64,
-}
-
-impl CrashImage {
-    fn new(base: Arc<Vec<u8>>) -> Self {
-        let len = base.len() as u64;
-        CrashImage {
-            base,
-            state: Mutex::new(CrashState {
-                pages: Default::default(),
-                len,
-                base_limit: len,
-            }),
-        }
-    }
-
-    fn page(base: &[u8], st: &CrashState, page: u64) -> [u8; 4096] {
-        if let Some(p) = st.pages.get(&page) {
-            return **p;
-        }
-        let mut out = [0u8; 4096];
-        let limit = st.base_limit.min(base.len() as u64);
-        if page < limit {
-            let n = (limit - page).min(4096) as usize;
-            out[..n].copy_from_slice(&base[page as usize..page as usize + n]);
-        }
-        out
-    }
-}
-
-/// `len` bytes at file offset `offset`, cut at 4 KiB page boundaries: for each piece, where it
-/// starts in the buffer, the offset of its page, where it starts in the page, and its length.
-fn pieces(offset: u64, len: usize) -> impl Iterator<Item = (usize, u64, usize, usize)> {
-    let mut at = 0usize;
-    std::iter::from_fn(move || {
-        if at >= len {
-            return None;
-        }
-        let pos = offset + at as u64;
-        let page = pos / 4096 * 4096;
-        let within = (pos - page) as usize;
-        let n = (4096 - within).min(len - at);
-        let piece = (at, page, within, n);
-        at += n;
-        Some(piece)
-    })
-}
-
-impl Storage for CrashImage {
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
-        let st = self.state.lock().unwrap();
-        for (at, page, within, n) in pieces(offset, buf.len()) {
-            if page + within as u64 >= st.len {
-                buf[at..].fill(0);
-                break;
-            }
-            let p = Self::page(&self.base, &st, page);
-            buf[at..at + n].copy_from_slice(&p[within..within + n]);
-        }
-        Ok(buf.len().min(st.len.saturating_sub(offset) as usize))
-    }
-    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
-        let mut st = self.state.lock().unwrap();
-        for (at, page, within, n) in pieces(offset, buf.len()) {
-            let mut p = Self::page(&self.base, &st, page);
-            p[within..within + n].copy_from_slice(&buf[at..at + n]);
-            st.pages.insert(page, Box::new(p));
-        }
-        st.len = st.len.max(offset + buf.len() as u64);
-        Ok(())
-    }
-    fn flush(&self) -> io::Result<()> {
-        Ok(())
-    }
-    fn len(&self) -> io::Result<u64> {
-        Ok(self.state.lock().unwrap().len)
-    }
-    fn set_len(&self, len: u64) -> io::Result<()> {
-        let mut st = self.state.lock().unwrap();
-        if len < st.len {
-            st.base_limit = st.base_limit.min(len);
-            let cut = len / 4096 * 4096;
-            if len % 4096 != 0 {
-                let mut p = Self::page(&self.base, &st, cut);
-                p[(len - cut) as usize..].fill(0);
-                st.pages.insert(cut, Box::new(p));
-            }
-            let from = len.div_ceil(4096) * 4096;
-            st.pages.retain(|&k, _| k < from);
-        }
-        st.len = len;
-        Ok(())
-    }
-}
 
 /// What a disk reads: its size and its first `COMPARED` bytes.
 #[derive(Clone, PartialEq, Eq)]
@@ -223,13 +68,6 @@ impl Setup {
     }
 }
 
-struct Outcome {
-    points: usize,
-    recovered: usize,
-    bytes_lost: u64,
-    failures: Vec<String>,
-}
-
 fn enumerate(setup: &Setup, op: &dyn Fn(Chain)) -> Outcome {
     let mut rng = StdRng::seed_from_u64(7);
     let before = content(
@@ -238,15 +76,12 @@ fn enumerate(setup: &Setup, op: &dyn Fn(Chain)) -> Outcome {
             .unwrap(),
     )
     .unwrap();
-    let rec = Arc::new(Recorder {
-        mem: MemStorage::new(setup.initial.clone()),
-        events: Mutex::new(Vec::new()),
-    });
+    let rec: Arc<Recorder> = Arc::new(Recorder::alone(setup.initial.clone()));
     op(setup.open(rec.clone()).unwrap());
-    let events = rec.events.lock().unwrap().clone();
+    let events = rec.events();
     let after = content(
         &setup
-            .open(Arc::new(MemStorage::new(rec.mem.snapshot())))
+            .open(Arc::new(MemStorage::new(rec.snapshot())))
             .unwrap(),
     )
     .unwrap();
@@ -262,91 +97,15 @@ fn enumerate(setup: &Setup, op: &dyn Fn(Chain)) -> Outcome {
         "the grown area does not read zeros"
     );
 
-    let mut durable = Arc::new(setup.initial.clone());
-    let mut pending: Vec<usize> = Vec::new();
-    let mut out = Outcome {
-        points: 0,
-        recovered: 0,
-        bytes_lost: 0,
-        failures: Vec::new(),
-    };
-    let apply = |img: &mut Vec<u8>, e: &Event| match e {
-        Event::Write(off, data) => {
-            let end = (*off as usize) + data.len();
-            if img.len() < end {
-                img.resize(end, 0);
-            }
-            img[*off as usize..end].copy_from_slice(data);
-        }
-        Event::SetLen(len) => img.resize(*len as usize, 0),
-        _ => {}
-    };
-    for (i, e) in events.iter().enumerate() {
-        match e {
-            Event::Flush => {
-                let d = Arc::make_mut(&mut durable);
-                for &p in &pending {
-                    apply(d, &events[p]);
-                }
-                pending.clear();
-            }
-            Event::Write(..) | Event::SetLen(_) => pending.push(i),
-        }
-        for variant in 0..3 {
-            if variant > 0 && pending.is_empty() {
-                break;
-            }
-            let img = CrashImage::new(Arc::clone(&durable));
-            let put = |e: &Event| match e {
-                Event::Write(off, data) => img.write_at(data, *off).unwrap(),
-                Event::SetLen(len) => img.set_len(*len).unwrap(),
-                _ => {}
-            };
-            match variant {
-                0 => {}
-                1 => {
-                    let mut chosen: Vec<usize> = pending
-                        .iter()
-                        .copied()
-                        .filter(|_| rng.gen_bool(0.5))
-                        .collect();
-                    chosen.shuffle(&mut rng);
-                    for p in chosen {
-                        put(&events[p]);
-                    }
-                }
-                _ => {
-                    for &p in &pending {
-                        match &events[p] {
-                            Event::Write(off, data) => {
-                                for (k, piece) in data.chunks(4096).enumerate() {
-                                    if rng.gen_bool(0.5) {
-                                        img.write_at(piece, off + (k * 4096) as u64).unwrap();
-                                    }
-                                }
-                            }
-                            other => {
-                                if rng.gen_bool(0.5) {
-                                    put(other)
-                                }
-                            }
-                        }
-                    }
-                }
-            }
-            out.points += 1;
-            match verify(setup, img, &before, &after) {
-                Ok(()) => out.recovered += 1,
-                Err((msg, lost)) => {
-                    out.bytes_lost += lost;
-                    if out.failures.len() < 5 {
-                        out.failures
-                            .push(format!("event {i} variant {variant}: {msg}"));
-                    }
-                }
-            }
-        }
-    }
+    let mut out = Outcome::default();
+    let initial = vec![setup.initial.clone()];
+    for_each_crash_point(&events, initial, &mut rng, |i, variant, images| {
+        let img = images.into_iter().next().unwrap();
+        out.count(
+            || format!("event {i} variant {variant}"),
+            verify(setup, img, &before, &after),
+        );
+    });
     out
 }
 
@@ -388,18 +147,7 @@ fn verify(
 }
 
 fn run(name: &str, setup: &Setup, op: &dyn Fn(Chain)) {
-    let out = enumerate(setup, op);
-    println!(
-        "{name}: crash points: {}, recovered: {}, flushed bytes lost: {}",
-        out.points, out.recovered, out.bytes_lost
-    );
-    assert!(
-        out.failures.is_empty() && out.recovered == out.points && out.bytes_lost == 0,
-        "{name}: {} of {} crash points did not recover; first failures:\n{}",
-        out.points - out.recovered,
-        out.points,
-        out.failures.join("\n")
-    );
+    enumerate(setup, op).assert_all_recovered(&format!("{name}: "));
 }
 
 /// A new file in memory, changed by `prepare` through the engine.
@@ -431,6 +179,27 @@ fn dynamic(size: u64) -> CreateOptions {
     CreateOptions {
         virtual_size: Some(size),
         block_size: Some(MIB as u32),
+        ..Default::default()
+    }
+}
+
+/// Options for a child of a new `parent.vhdx` in `dir` of `size` bytes, whose first `filled`
+/// bytes hold 0x55.
+fn child_of(dir: &Path, size: u64, filled: u64) -> CreateOptions {
+    let parent = dir.join("parent.vhdx");
+    create::create(&parent, &dynamic(size)).unwrap();
+    let p = Chain::open(
+        &parent,
+        &vhost_user_vhdx::vhdx::ChainOptions {
+            writable: true,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    p.write_at(&vec![0x55; filled as usize], 0).unwrap();
+    p.close().unwrap();
+    CreateOptions {
+        parent: Some(parent),
         ..Default::default()
     }
 }
@@ -521,22 +290,7 @@ fn every_crash_point_of_a_compact_recovers() {
 #[test]
 fn every_crash_point_of_a_differencing_compact_recovers() {
     let d = common::tempdir("crash-compact-");
-    let parent = d.path().join("parent.vhdx");
-    create::create(&parent, &dynamic(16 * MIB)).unwrap();
-    let p = Chain::open(
-        &parent,
-        &vhost_user_vhdx::vhdx::ChainOptions {
-            writable: true,
-            ..Default::default()
-        },
-    )
-    .unwrap();
-    p.write_at(&vec![0x55; 4 * MIB as usize], 0).unwrap();
-    p.close().unwrap();
-    let opts = CreateOptions {
-        parent: Some(parent),
-        ..Default::default()
-    };
+    let opts = child_of(d.path(), 16 * MIB, 4 * MIB);
     let setup = prepared(d.path(), &opts, &|c| {
         striped(c);
         // A partially present block of zeros over parent zeros.
@@ -551,23 +305,7 @@ fn every_crash_point_of_a_differencing_compact_recovers() {
 #[test]
 fn every_crash_point_of_a_differencing_grow_recovers() {
     let d = common::tempdir("crash-resize-");
-    let parent = d.path().join("parent.vhdx");
-    create::create(&parent, &dynamic(15 * MIB + 512)).unwrap();
-    let p = Chain::open(
-        &parent,
-        &vhost_user_vhdx::vhdx::ChainOptions {
-            writable: true,
-            ..Default::default()
-        },
-    )
-    .unwrap();
-    p.write_at(&vec![0x55; (15 * MIB + 512) as usize], 0)
-        .unwrap();
-    p.close().unwrap();
-    let opts = CreateOptions {
-        parent: Some(parent),
-        ..Default::default()
-    };
+    let opts = child_of(d.path(), 15 * MIB + 512, 15 * MIB + 512);
     let setup = prepared(d.path(), &opts, &|c| {
         c.write_at(&vec![0x66; 2 * MIB as usize], 4 * MIB).unwrap();
         // The partial last block: in this file, past the parent's end after the grow.

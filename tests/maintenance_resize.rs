@@ -39,6 +39,11 @@ fn put(v: &mut [u8], offset: u64, len: u64, pattern: u8) {
     v[offset as usize..(offset + len) as usize].fill(pattern);
 }
 
+/// A new dynamic VHDX of `size` with 1 MiB blocks, made by our `create`.
+fn create_1m(img: &Path, size: &str) {
+    ours_ok(&["create", "-f", "vhdx", "-o", "block_size=1M", s(img), size]);
+}
+
 fn io(img: &Path, cmds: &[String]) {
     let mut args = vec!["io".to_string()];
     for c in cmds {
@@ -73,15 +78,7 @@ fn a_dynamic_disk_grows_keeps_its_data_and_reads_zeros_beyond() {
     let img = d.path().join("a.vhdx");
     // Not a whole number of 1 MiB blocks: the last block is partial.
     let size = 6 * MIB + 3 * 512;
-    ours_ok(&[
-        "create",
-        "-f",
-        "vhdx",
-        "-o",
-        "block_size=1M",
-        s(&img),
-        &size.to_string(),
-    ]);
+    create_1m(&img, &size.to_string());
     let mut expected = vec![0u8; size as usize];
     io(
         &img,
@@ -104,7 +101,7 @@ fn a_dynamic_disk_grows_keeps_its_data_and_reads_zeros_beyond() {
 fn the_old_last_block_reads_zeros_past_the_old_end() {
     let d = common::tempdir("resize-");
     let img = d.path().join("a.vhdx");
-    ours_ok(&["create", "-f", "vhdx", "-o", "block_size=1M", s(&img), "4M"]);
+    create_1m(&img, "4M");
     io(&img, &["write -P 0x77 0 4M".into()]);
     // Cut inside block 3: its bytes past the new end stay in the file, invisible.
     let cut = 3 * MIB + 512;
@@ -179,15 +176,7 @@ fn a_grow_past_the_bat_region_relocates_it() {
 fn shrinking_needs_shrink_and_force_when_data_would_be_lost() {
     let d = common::tempdir("resize-");
     let img = d.path().join("a.vhdx");
-    ours_ok(&[
-        "create",
-        "-f",
-        "vhdx",
-        "-o",
-        "block_size=1M",
-        s(&img),
-        "16M",
-    ]);
+    create_1m(&img, "16M");
     io(
         &img,
         &["write -P 0x31 0 2M".into(), "write -P 0x32 12M 1M".into()],
@@ -297,15 +286,7 @@ fn a_differencing_leaf_grows_and_reads_zeros_not_its_parent() {
     let d = common::tempdir("resize-");
     let parent = d.path().join("p.vhdx");
     let child = d.path().join("c.vhdx");
-    ours_ok(&[
-        "create",
-        "-f",
-        "vhdx",
-        "-o",
-        "block_size=1M",
-        s(&parent),
-        "10M",
-    ]);
+    create_1m(&parent, "10M");
     io(&parent, &["write -P 0x33 0 10M".into()]);
     ours_ok(&["create", "-f", "vhdx", "-b", s(&parent), s(&child)]);
     io(&child, &["write -P 0x44 1M 512".into()]);
@@ -350,15 +331,7 @@ fn compact_gives_back_zero_blocks_and_the_content_stays() {
             let c: Vec<&str> = cmds.iter().map(String::as_str).collect();
             qemu_io_ok(&img, &c);
         } else {
-            ours_ok(&[
-                "create",
-                "-f",
-                "vhdx",
-                "-o",
-                "block_size=1M",
-                s(&img),
-                "64M",
-            ]);
+            create_1m(&img, "64M");
             io(&img, &cmds);
         }
         let copy = d.path().join(format!("{maker}-before.vhdx"));
@@ -386,15 +359,7 @@ fn compact_of_a_differencing_file_keeps_zeros_that_hide_parent_data() {
     let d = common::tempdir("compact-");
     let parent = d.path().join("p.vhdx");
     let child = d.path().join("c.vhdx");
-    ours_ok(&[
-        "create",
-        "-f",
-        "vhdx",
-        "-o",
-        "block_size=1M",
-        s(&parent),
-        "8M",
-    ]);
+    create_1m(&parent, "8M");
     io(&parent, &["write -P 0x55 0 4M".into()]);
     ours_ok(&["create", "-f", "vhdx", "-b", s(&parent), s(&child)]);
     // Zeros over parent data (blocks 0-1) must stay; zeros over parent zeros (4-5) may go;

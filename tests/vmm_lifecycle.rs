@@ -22,22 +22,8 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 /// Makes `n` reads of `len` bytes available on queue 0 at consecutive 1 MiB-aligned offsets,
 /// each into its own buffer, and kicks once.
 fn many_reads(f: &mut Frontend, mem: &Memory, n: usize, len: u32) -> Vec<Pending> {
-    let reqs: Vec<Pending> = (0..n)
-        .map(|i| {
-            let buf = mem.alloc(len as u64, 4096);
-            f.add(
-                mem,
-                0,
-                &Blk::Read {
-                    sector: (i as u64 * MIB / 512) % (60 * MIB / 512),
-                    len,
-                },
-                buf,
-            )
-        })
-        .collect();
-    f.kick(0);
-    reqs
+    let sectors = (0..n as u64).map(|i| (i * MIB / 512) % (60 * MIB / 512));
+    f.reads(mem, 0, sectors, len)
 }
 
 /// Waits until the device has completed at least one request on `ring`.
@@ -51,10 +37,7 @@ fn first_completion(ring: &Ring, mem: &Memory) {
 
 #[test]
 fn get_vring_base_returns_after_the_last_completion() {
-    let mut c = Case::start(&["--helper-threads", "1"]);
-    c.write_mark();
-    let mem = Memory::new(0, 80 * MIB);
-    let mut f = c.connect();
+    let (c, mem, mut f) = Case::marked(&["--helper-threads", "1"], 80 * MIB);
     f.start(&mem, &Setup::default());
     many_reads(&mut f, &mem, 64, MIB as u32);
     first_completion(&f.queues[0], &mem);
@@ -75,10 +58,7 @@ fn get_vring_base_returns_after_the_last_completion() {
 
 #[test]
 fn a_reinitialised_ring_never_receives_an_old_head() {
-    let mut c = Case::start(&["--helper-threads", "1"]);
-    c.write_mark();
-    let mem = Memory::new(0, 80 * MIB);
-    let mut f = c.connect();
+    let (c, mem, mut f) = Case::marked(&["--helper-threads", "1"], 80 * MIB);
     f.start(&mem, &Setup::default());
     // Old heads are 0, 3, 6, ... (three descriptors a request).
     many_reads(&mut f, &mem, 64, MIB as u32);
@@ -278,9 +258,7 @@ fn restart_after_sigkill(judge: Judge, base: Base) {
     g.start_queue(&mem, 0, base);
     g.kick(0);
     // take_used panics on a head completed twice (it is no longer in flight).
-    while g.queues[0].in_flight() > 0 {
-        g.wait(&mem, 0);
-    }
+    g.drain(&mem, 0);
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(
         g.queues[0].used_idx(&mem),
@@ -363,10 +341,7 @@ fn crafted_region(
 /// SET_INFLIGHT_FD or when the queue starts, with an error in the log, and nothing of it
 /// resubmitted; the process keeps serving.
 fn refused_region(fd: &std::fs::File, size: u64, num_queues: u16, queue_size: u16) {
-    let mut c = Case::start(&[]);
-    c.write_mark();
-    let mem = Memory::new(0, 16 * MIB);
-    let mut f = c.connect();
+    let (mut c, mem, mut f) = Case::marked(&[], 16 * MIB);
     f.negotiate(&Setup {
         inflight: true,
         ..Default::default()
@@ -456,10 +431,7 @@ fn inflight_region_with_nonsense_counters_is_refused() {
 
 #[test]
 fn a_ring_of_1024_entries_works_by_default() {
-    let mut c = Case::start(&[]);
-    c.write_mark();
-    let mem = Memory::new(0, 16 * MIB);
-    let mut f = c.connect();
+    let (c, mem, mut f) = Case::marked(&[], 16 * MIB);
     f.start(
         &mem,
         &Setup {
@@ -468,24 +440,13 @@ fn a_ring_of_1024_entries_works_by_default() {
         },
     );
     // 300 requests of three descriptors: more than 256 in flight at once.
-    let reqs: Vec<Pending> = (0..300u64)
-        .map(|i| {
-            let buf = mem.alloc(4096, 4096);
-            f.add(
-                &mem,
-                0,
-                &Blk::Read {
-                    sector: MARK_SECTOR + (i % 16) * 8,
-                    len: 4096,
-                },
-                buf,
-            )
-        })
-        .collect();
-    f.kick(0);
-    while f.queues[0].in_flight() > 0 {
-        f.wait(&mem, 0);
-    }
+    let reqs = f.reads(
+        &mem,
+        0,
+        (0..300u64).map(|i| MARK_SECTOR + (i % 16) * 8),
+        4096,
+    );
+    f.drain(&mem, 0);
     let mark = pattern(1, MARK_LEN);
     for (i, p) in reqs.iter().enumerate() {
         assert_eq!(mem.get(p.status, 1)[0], blk::S_OK);

@@ -976,6 +976,33 @@ impl Frontend {
         self.queues[q].kick.write(1).unwrap();
     }
 
+    /// Makes a read of `len` bytes at each of `sectors` available on queue `q` at once, each
+    /// into a buffer of its own, and kicks once: many requests in flight together.
+    pub fn reads(
+        &mut self,
+        mem: &Memory,
+        q: usize,
+        sectors: impl IntoIterator<Item = u64>,
+        len: u32,
+    ) -> Vec<Pending> {
+        let reqs = sectors
+            .into_iter()
+            .map(|sector| {
+                let buf = mem.alloc(u64::from(len), 4096);
+                self.add(mem, q, &Blk::Read { sector, len }, buf)
+            })
+            .collect();
+        self.kick(q);
+        reqs
+    }
+
+    /// Waits for every request in flight on queue `q` to complete.
+    pub fn drain(&mut self, mem: &Memory, q: usize) {
+        while self.queues[q].in_flight() > 0 {
+            self.wait(mem, q);
+        }
+    }
+
     /// Waits for the next completion on queue `q`: (head, used len); panics after [`TIMEOUT`].
     pub fn wait(&mut self, mem: &Memory, q: usize) -> (u16, u32) {
         self.queues[q].wait_used(mem, TIMEOUT).unwrap_or_else(|| {

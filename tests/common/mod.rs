@@ -10,6 +10,7 @@
 //! `allow(dead_code)` (and `allow(unused_imports)` on the re-exports).
 #![allow(dead_code)]
 
+pub mod crash_storage;
 mod files;
 pub mod frontend;
 mod images;

@@ -279,6 +279,16 @@ impl Case {
         f.close();
     }
 
+    /// [`Case::start`] with the mark written, guest memory of `mem_size` bytes and a connection
+    /// for misbehaving: how most cases begin.
+    pub fn marked(extra: &[&str], mem_size: u64) -> (Case, Memory, Frontend) {
+        let mut c = Case::start(extra);
+        c.write_mark();
+        let mem = Memory::new(0, mem_size);
+        let f = c.connect();
+        (c, mem, f)
+    }
+
     /// A connection for misbehaving.
     pub fn connect(&self) -> Frontend {
         Frontend::connect(&self.serve.socket)
