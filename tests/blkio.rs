@@ -602,7 +602,7 @@ fn random_batch(rng: &mut StdRng, n: usize, area: Area, block: u64, buf_len: usi
     reqs
 }
 
-/// Runs `batches` random batches of requests in `area` on `q`, verifying every read against
+/// Runs `batches` random batches of up to `depth` requests in `area` on `q`, verifying every read against
 /// `model` (the whole disk) and keeping it up to date. Returns the number of requests.
 fn exercise(
     q: &mut Blkioq,
@@ -611,11 +611,12 @@ fn exercise(
     area: Area,
     block: u64,
     batches: usize,
+    depth: usize,
     rng: &mut StdRng,
 ) -> usize {
     let mut count = 0;
     for _ in 0..batches {
-        let n = rng.gen_range(1..=8);
+        let n = rng.gen_range(1..=depth);
         let reqs = random_batch(rng, n, area, block, buf.len);
         let at = layout(&reqs);
         let mut data: Vec<Vec<u8>> = Vec::with_capacity(reqs.len());
@@ -698,6 +699,7 @@ fn on_all_queues(
     area: impl Fn(u64) -> Area + Sync,
     block: u64,
     batches: usize,
+    depth: usize,
     seed: u64,
 ) -> usize {
     let buf = client.buf;
@@ -711,7 +713,7 @@ fn on_all_queues(
                 let b = buf.sub(t * buf_per_queue, buf_per_queue);
                 s.spawn(move || {
                     let mut rng = StdRng::seed_from_u64(seed.wrapping_add(t as u64));
-                    exercise(q, b, model, area(t as u64), block, batches, &mut rng)
+                    exercise(q, b, model, area(t as u64), block, batches, depth, &mut rng)
                 })
             })
             .collect();
@@ -728,7 +730,7 @@ fn on_all_queues(
 /// the helper threads too.
 #[test]
 fn random_io_on_three_queues() {
-    random_io(common::tempdir("blkio-random-"), &[]);
+    random_io(common::tempdir("blkio-random-"), &[], 8);
 }
 
 /// The same with `--cache none`: every file O_DIRECT; the random iovec splits put guest
@@ -738,10 +740,53 @@ fn random_io_on_three_queues_cache_none() {
     random_io(
         common::direct_io_tempdir("blkio-random-direct-"),
         &["--cache", "none"],
+        8,
     );
 }
 
-fn random_io(dir: tempfile::TempDir, extra: &[&str]) {
+/// Requests in flight (`--aio io_uring`): batches of up to 96 requests per queue on three
+/// queues, so that many complete out of order; the same checks against the model.
+#[test]
+fn random_io_in_flight_io_uring() {
+    random_io(
+        common::tempdir("blkio-random-uring-"),
+        &["--aio", "io_uring"],
+        96,
+    );
+}
+
+/// The same on the thread pool (`--aio threads`), the fallback where io_uring is forbidden.
+#[test]
+fn random_io_in_flight_threads() {
+    random_io(
+        common::tempdir("blkio-random-threads-"),
+        &["--aio", "threads"],
+        96,
+    );
+}
+
+/// Requests in flight with `--cache none`: aligned pieces go to the disk asynchronously,
+/// requests with unaligned buffers take the synchronous bounce path, side by side.
+#[test]
+fn random_io_in_flight_cache_none() {
+    random_io(
+        common::direct_io_tempdir("blkio-random-uring-direct-"),
+        &["--cache", "none", "--aio", "io_uring"],
+        96,
+    );
+}
+
+/// The same on the thread pool.
+#[test]
+fn random_io_in_flight_threads_cache_none() {
+    random_io(
+        common::direct_io_tempdir("blkio-random-threads-direct-"),
+        &["--cache", "none", "--aio", "threads"],
+        96,
+    );
+}
+
+fn random_io(dir: tempfile::TempDir, extra: &[&str], depth: usize) {
     const QUEUES: u64 = 3;
     const BLOCK: u64 = MIB;
     const SIZE: u64 = 96 * MIB;
@@ -761,6 +806,15 @@ fn random_io(dir: tempfile::TempDir, extra: &[&str]) {
             log.contains("O_DIRECT"),
             "serve did not open O_DIRECT:\n{log}"
         );
+    }
+    for (aio, says) in [
+        ("io_uring", "data I/O: io_uring"),
+        ("threads", "a thread pool"),
+    ] {
+        if extra.contains(&aio) {
+            let log = backend.log_text();
+            assert!(log.contains(says), "serve did not use {aio}:\n{log}");
+        }
     }
 
     let model = Mutex::new(vec![0u8; SIZE as usize]);
@@ -785,6 +839,7 @@ fn random_io(dir: tempfile::TempDir, extra: &[&str]) {
             own_region,
             BLOCK,
             150,
+            depth,
             s,
         );
         total += on_all_queues(
@@ -794,6 +849,7 @@ fn random_io(dir: tempfile::TempDir, extra: &[&str]) {
             stripes,
             BLOCK,
             150,
+            depth,
             s + 10,
         );
     }
@@ -944,7 +1000,7 @@ fn disconnect_and_reconnect() {
             drop(client);
             break;
         }
-        exercise(q, buf, &model, whole, MIB, 30, &mut rng);
+        exercise(q, buf, &model, whole, MIB, 30, 8, &mut rng);
         if round == 2 {
             // Requests in flight at the disconnect: submitted, not waited for.
             for i in 0..16u64 {
@@ -1024,7 +1080,7 @@ fn differencing_chain() {
         base: 0,
         span: SIZE,
     };
-    exercise(q, buf, &shared, whole, MIB, 150, &mut rng);
+    exercise(q, buf, &shared, whole, MIB, 150, 8, &mut rng);
     let model = shared.into_inner().unwrap();
     assert_same(&read_range(q, buf, 0, SIZE), &model, 0, "leaf after writes");
     drop(client);

@@ -108,8 +108,15 @@ pub fn run(args: ServeArgs) -> CliResult<ExitCode> {
         );
     }
     // Probed once here, so that the log names the choice and a forced io_uring that cannot
-    // work fails before serving.
-    let aio = crate::io::choose(args.aio)?;
+    // work fails before serving. Requests in flight are opt-in for now: without --aio each
+    // queue thread runs its requests one at a time.
+    let aio = match args.aio {
+        Some(forced) => Some(crate::io::choose(Some(forced))?),
+        None => {
+            log::info!("data I/O: one request at a time per queue (--aio io_uring|threads for requests in flight)");
+            None
+        }
+    };
     let serial = args.serial.clone().unwrap_or_else(|| {
         chain
             .leaf()
@@ -130,7 +137,7 @@ pub fn run(args: ServeArgs) -> CliResult<ExitCode> {
             queue_size: args.queue_size,
             serial,
             writethrough: args.writethrough || args.cache == CacheMode::Writethrough,
-            aio: Some(aio),
+            aio,
             helper_threads: args
                 .helper_threads
                 .map_or_else(default_helper_threads, usize::from),

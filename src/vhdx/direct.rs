@@ -159,6 +159,21 @@ impl WriteGate {
         }
     }
 
+    /// [`Self::shared`] without waiting: `None` while a read-modify-write runs or waits. For a
+    /// thread that holds shared guards of its own in flight and must not wait behind a writer
+    /// that waits for them.
+    pub fn try_shared(self: &Arc<Self>) -> Option<GateGuard> {
+        let mut s = self.lock();
+        if s.exclusive || s.exclusive_waiting > 0 {
+            return None;
+        }
+        s.shared += 1;
+        Some(GateGuard {
+            gate: Arc::clone(self),
+            exclusive: false,
+        })
+    }
+
     /// For a read-modify-write: runs alone.
     pub fn exclusive(self: &Arc<Self>) -> GateGuard {
         let mut s = self.lock();
