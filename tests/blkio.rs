@@ -602,7 +602,14 @@ fn random_batch(rng: &mut StdRng, n: usize, area: Area, block: u64, buf_len: usi
     reqs
 }
 
-/// Runs `batches` random batches of up to `depth` requests in `area` on `q`, verifying every read against
+/// How many batches of requests, and how many requests a batch has at most (the queue depth).
+#[derive(Clone, Copy)]
+struct Batches {
+    count: usize,
+    depth: usize,
+}
+
+/// Runs `batches` random batches of requests in `area` on `q`, verifying every read against
 /// `model` (the whole disk) and keeping it up to date. Returns the number of requests.
 fn exercise(
     q: &mut Blkioq,
@@ -610,13 +617,12 @@ fn exercise(
     model: &Mutex<Vec<u8>>,
     area: Area,
     block: u64,
-    batches: usize,
-    depth: usize,
+    batches: Batches,
     rng: &mut StdRng,
 ) -> usize {
     let mut count = 0;
-    for _ in 0..batches {
-        let n = rng.gen_range(1..=depth);
+    for _ in 0..batches.count {
+        let n = rng.gen_range(1..=batches.depth);
         let reqs = random_batch(rng, n, area, block, buf.len);
         let at = layout(&reqs);
         let mut data: Vec<Vec<u8>> = Vec::with_capacity(reqs.len());
@@ -698,8 +704,7 @@ fn on_all_queues(
     model: &Mutex<Vec<u8>>,
     area: impl Fn(u64) -> Area + Sync,
     block: u64,
-    batches: usize,
-    depth: usize,
+    batches: Batches,
     seed: u64,
 ) -> usize {
     let buf = client.buf;
@@ -713,7 +718,7 @@ fn on_all_queues(
                 let b = buf.sub(t * buf_per_queue, buf_per_queue);
                 s.spawn(move || {
                     let mut rng = StdRng::seed_from_u64(seed.wrapping_add(t as u64));
-                    exercise(q, b, model, area(t as u64), block, batches, depth, &mut rng)
+                    exercise(q, b, model, area(t as u64), block, batches, &mut rng)
                 })
             })
             .collect();
@@ -838,8 +843,7 @@ fn random_io(dir: tempfile::TempDir, extra: &[&str], depth: usize) {
             &model,
             own_region,
             BLOCK,
-            150,
-            depth,
+            Batches { count: 150, depth },
             s,
         );
         total += on_all_queues(
@@ -848,8 +852,7 @@ fn random_io(dir: tempfile::TempDir, extra: &[&str], depth: usize) {
             &model,
             stripes,
             BLOCK,
-            150,
-            depth,
+            Batches { count: 150, depth },
             s + 10,
         );
     }
@@ -1000,7 +1003,18 @@ fn disconnect_and_reconnect() {
             drop(client);
             break;
         }
-        exercise(q, buf, &model, whole, MIB, 30, 8, &mut rng);
+        exercise(
+            q,
+            buf,
+            &model,
+            whole,
+            MIB,
+            Batches {
+                count: 30,
+                depth: 8,
+            },
+            &mut rng,
+        );
         if round == 2 {
             // Requests in flight at the disconnect: submitted, not waited for.
             for i in 0..16u64 {
@@ -1080,7 +1094,18 @@ fn differencing_chain() {
         base: 0,
         span: SIZE,
     };
-    exercise(q, buf, &shared, whole, MIB, 150, 8, &mut rng);
+    exercise(
+        q,
+        buf,
+        &shared,
+        whole,
+        MIB,
+        Batches {
+            count: 150,
+            depth: 8,
+        },
+        &mut rng,
+    );
     let model = shared.into_inner().unwrap();
     assert_same(&read_range(q, buf, 0, SIZE), &model, 0, "leaf after writes");
     drop(client);
