@@ -11,10 +11,14 @@
 //! [`Requests`], as before. A flush run when popped covers every write the guest saw complete:
 //! their data went to the same file descriptors, which the engine's flush fdatasyncs.
 //!
-//! Before running a synchronous write, discard or write-zeroes the queue completes its own
-//! asynchronous I/O: a trim waits for the write guards of its blocks ([`WriteGuard`]), and a
-//! read-modify-write of an O_DIRECT file waits for the file's shared write gate, both of which
-//! this thread's own writes in flight hold until it reaps them.
+//! Before running any request synchronously the queue completes its own asynchronous I/O, so
+//! that the thread never blocks while it holds something another thread may wait for: a trim
+//! waits for the write guards of its blocks ([`WriteGuard`]), and a read-modify-write of an
+//! O_DIRECT file for the file's shared write gate, which this thread's writes in flight hold
+//! until it reaps them; the engine's own writes (its log, a first touch) queue behind such a
+//! read-modify-write, and a flush or a read may wait for those. Holding nothing while blocked
+//! rules every such cycle out, at the cost of a short drain before the (rarer) synchronous
+//! requests.
 //!
 //! A request's guest memory (its `Arc`), its write guard and gate guard live in its slot until
 //! every part of it is done; a request split over several extents completes once, with the
@@ -69,9 +73,9 @@ enum Start {
     Submitted,
     /// Done already (only zeros to read): complete it with this used length.
     Done(u32),
-    /// Not for the asynchronous path: run it synchronously, after completing this queue's
-    /// asynchronous I/O first if `drain`.
-    Sync { drain: bool },
+    /// Not for the asynchronous path: run it synchronously, once this queue's asynchronous
+    /// I/O is complete.
+    Sync,
 }
 
 /// A queue thread's asynchronous state.
@@ -119,10 +123,8 @@ impl AsyncQueue {
                 match self.start(&p) {
                     Start::Submitted => {}
                     Start::Done(used) => self.finish(queue, p.head, Outcome::Used(used)),
-                    Start::Sync { drain } => {
-                        if drain {
-                            self.drain(queue);
-                        }
+                    Start::Sync => {
+                        self.drain(queue);
                         let outcome = self.requests.run_popped(&p);
                         self.finish(queue, p.head, outcome);
                     }
@@ -273,41 +275,37 @@ impl AsyncQueue {
 
     /// Starts `p` asynchronously if it can be.
     fn start(&mut self, p: &Popped) -> Start {
-        const SYNC: Start = Start::Sync { drain: false };
         let head = usize::from(p.head);
         if head >= self.slots.len() || self.slots[head].is_some() {
-            return SYNC;
+            return Start::Sync;
         }
         let mem = &p.mem;
         // Anything unusual (malformed, outside memory, into the rings) is the synchronous
         // path's to answer.
         let Ok(req) = virtio_blk::parse(&p.descs, mem) else {
-            return SYNC;
+            return Start::Sync;
         };
         if overlaps(&p.rings, req.status, 1) || !mem.check_range(req.status, 1, Permissions::Write)
         {
-            return SYNC;
+            return Start::Sync;
         }
         let r = &self.requests;
         let write = match req.kind {
             Kind::In => false,
             Kind::Out if !r.read_only && !r.writethrough.load(Ordering::Relaxed) => true,
-            Kind::Out | Kind::Discard(_) | Kind::WriteZeroes(_) => {
-                return Start::Sync { drain: true }
-            }
-            _ => return SYNC,
+            _ => return Start::Sync,
         };
         let capacity = r.chain.virtual_size();
         let block = u64::from(r.chain.logical_sector_size());
         let Ok((offset, len)) = virtio_blk::disk_range(req.sector, req.data_len, capacity, block)
         else {
-            return SYNC;
+            return Start::Sync;
         };
         if !write && req.data.iter().any(|s| overlaps(&p.rings, s.addr, s.len)) {
-            return SYNC;
+            return Start::Sync;
         }
         let Ok(mut buffers) = GuestBuffers::new(mem, &req.data) else {
-            return SYNC;
+            return Start::Sync;
         };
         let written = if write {
             0
@@ -320,20 +318,20 @@ impl AsyncQueue {
         if write {
             let plan = match r.chain.plan_write(offset, len) {
                 Ok(Some(plan)) => plan,
-                _ => return Start::Sync { drain: true },
+                _ => return Start::Sync,
             };
             let storage = r.chain.leaf().storage();
             let (fd, direct) = match (storage.direct(), storage.as_file()) {
                 (Some(d), _) => (d.file().as_raw_fd(), Some(d)),
                 (None, Some(f)) => (f.as_raw_fd(), None),
-                (None, None) => return Start::Sync { drain: true },
+                (None, None) => return Start::Sync,
             };
             let mut at = 0usize;
             for &(file_offset, n) in &plan.extents {
                 let n = n as usize;
                 match transfer(&buffers, at, n, fd, direct, file_offset, OpKind::Write) {
                     Some(op) => ops.push(op),
-                    None => return Start::Sync { drain: true },
+                    None => return Start::Sync,
                 }
                 at += n;
             }
@@ -342,14 +340,14 @@ impl AsyncQueue {
                 // holding shared guards it waits for.
                 match d.gate().try_shared() {
                     Some(g) => gate = Some(g),
-                    None => return Start::Sync { drain: true },
+                    None => return Start::Sync,
                 }
             }
             guard = Some(plan.guard);
         } else {
             let mut extents = Extents::new();
             if r.chain.resolve(offset, len, &mut extents).is_err() {
-                return SYNC;
+                return Start::Sync;
             }
             let mut zeros: SmallVec<[(usize, usize); 2]> = SmallVec::new();
             let mut at = 0usize;
@@ -365,11 +363,11 @@ impl AsyncQueue {
                         let (fd, direct) = match (storage.direct(), storage.as_file()) {
                             (Some(d), _) => (d.file().as_raw_fd(), Some(d)),
                             (None, Some(f)) => (f.as_raw_fd(), None),
-                            (None, None) => return SYNC,
+                            (None, None) => return Start::Sync,
                         };
                         match transfer(&buffers, at, n, fd, direct, file_offset, OpKind::Read) {
                             Some(op) => ops.push(op),
-                            None => return SYNC,
+                            None => return Start::Sync,
                         }
                     }
                 }

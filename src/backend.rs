@@ -132,7 +132,13 @@ impl BlockDevice {
                 serial: options.serial.clone(),
                 writethrough: AtomicBool::new(options.writethrough),
             }),
-            helpers: HelperPool::new(options.helper_threads)?,
+            // With requests in flight the disk overlaps them already; the helpers only help
+            // the one-at-a-time path.
+            helpers: HelperPool::new(if options.aio.is_some() {
+                0
+            } else {
+                options.helper_threads
+            })?,
             options,
             config: RwLock::new(config),
         })

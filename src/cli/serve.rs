@@ -45,12 +45,13 @@ pub struct ServeArgs {
     /// Same as `--cache writethrough`.
     #[arg(long, conflicts_with = "cache")]
     pub writethrough: bool,
-    /// How data I/O runs: `io_uring`, or `threads` (a worker pool); default: io_uring where
-    /// the kernel allows it.
+    /// Requests in flight at the guest's queue depth, their data I/O through `io_uring` or
+    /// `threads` (a worker pool, where io_uring is forbidden); default for now: each queue
+    /// thread runs one request at a time.
     #[arg(long, value_enum)]
     pub aio: Option<AioChoice>,
-    /// Threads that help a queue with large reads (default: one per core beyond the first;
-    /// 0: each queue is served by its own thread alone).
+    /// Threads that help a queue with large reads when `--aio` is not given (default: one per
+    /// core beyond the first; 0: each queue is served by its own thread alone).
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(0..=256))]
     pub helper_threads: Option<u16>,
     #[command(flatten)]
