@@ -92,6 +92,8 @@ pub struct AsyncQueue {
     done: Vec<Completion>,
     /// Requests completed into the used ring since the driver was last signalled.
     unsignalled: usize,
+    /// Requests served so far: reads and writes in flight, and one at a time (for the log).
+    counts: [u64; 3],
 }
 
 impl AsyncQueue {
@@ -105,6 +107,7 @@ impl AsyncQueue {
             pending: VecDeque::new(),
             done: Vec::new(),
             unsignalled: 0,
+            counts: [0; 3],
         }
     }
 
@@ -124,6 +127,7 @@ impl AsyncQueue {
                     Start::Submitted => {}
                     Start::Done(used) => self.finish(queue, p.head, Outcome::Used(used)),
                     Start::Sync => {
+                        self.counts[2] += 1;
                         self.drain(queue);
                         let outcome = self.requests.run_popped(&p);
                         self.finish(queue, p.head, outcome);
@@ -142,6 +146,18 @@ impl AsyncQueue {
             if !queue.enable_notification() {
                 return;
             }
+        }
+    }
+
+    /// When the queue thread exits: completes everything in flight and logs what ran how.
+    pub fn finish_all(&mut self, queue: &Arc<Queue>) {
+        self.drain(queue);
+        let [reads, writes, sync] = self.counts;
+        if reads + writes + sync > 0 {
+            log::info!(
+                "queue {}: {reads} reads and {writes} writes ran in flight, {sync} requests one at a time",
+                queue.index
+            );
         }
     }
 
@@ -407,6 +423,7 @@ impl AsyncQueue {
         }
         self.slots[head] = Some(slot);
         self.active += 1;
+        self.counts[usize::from(write)] += 1;
         for op in ops {
             self.submit(op, head as u64);
         }

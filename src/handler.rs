@@ -96,7 +96,7 @@ impl BlkHandler {
                         Some(Ok(mut aq)) => {
                             let r = run_queue_thread(&queue, Some(aq.notifier()), |q| aq.serve(q));
                             // Nothing in flight outlives the thread.
-                            aq.drain(&queue);
+                            aq.finish_all(&queue);
                             r
                         }
                         Some(Err(e)) => Err(e),

@@ -865,7 +865,26 @@ fn random_io(dir: tempfile::TempDir, extra: &[&str], depth: usize) {
     let all = read_range(q, buf.sub(0, 8 << 20), 0, SIZE);
     assert_same(&all, &model, 0, "full read");
     drop(client);
+    let log_path = backend.log.clone();
     backend.stop_clean();
+    if extra.contains(&"--aio") {
+        // Both kinds of request really went through the asynchronous path.
+        let log = std::fs::read_to_string(&log_path).unwrap();
+        let (mut reads, mut writes) = (0u64, 0u64);
+        for line in log.lines().filter(|l| l.contains("ran in flight")) {
+            let words: Vec<&str> = line.split_whitespace().collect();
+            let count = |what: &str| -> u64 {
+                let i = words.iter().position(|w| *w == what).unwrap();
+                words[i - 1].parse().unwrap()
+            };
+            reads += count("reads");
+            writes += count("writes");
+        }
+        assert!(
+            reads > 0 && writes > 0,
+            "{reads} reads and {writes} writes in flight:\n{log}"
+        );
+    }
 
     assert_closed_clean(&img);
     common::assert_qemu_img_check_clean(&img, "after the backend stopped");
