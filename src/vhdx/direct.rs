@@ -449,6 +449,23 @@ mod tests {
     }
 
     #[test]
+    fn try_shared_never_waits_behind_a_read_modify_write() {
+        let gate = Arc::new(WriteGate::default());
+        let a = gate.try_shared().expect("a free gate is shared");
+        drop(a);
+        let x = gate.exclusive();
+        assert!(
+            gate.try_shared().is_none(),
+            "shared beside an exclusive holder"
+        );
+        drop(x);
+        let b = gate
+            .try_shared()
+            .expect("shared again once the exclusive holder left");
+        drop(b);
+    }
+
+    #[test]
     fn probe_gives_powers_of_two() {
         let (path, d) = scratch("probe", 8192);
         let a = d.align();
