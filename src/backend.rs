@@ -18,6 +18,7 @@ use vm_memory::GuestMemoryMmap;
 use zerocopy::little_endian::{U16, U32, U64};
 use zerocopy::{Immutable, IntoBytes, KnownLayout};
 
+use crate::async_requests::AsyncQueue;
 use crate::helper_pool::HelperPool;
 use crate::queue::{Outcome, Popped, Queue};
 use crate::requests::{Requests, MAX_DISCARD_SECTORS};
@@ -38,6 +39,10 @@ const EARLY_SIGNAL_AFTER: usize = 8;
 /// time, so a helper would only spin on it (1 MiB writes QD8: 24% of the time in
 /// rwsem_spin_on_owner and 10% less throughput with a helper than without).
 const LARGE_READ: u64 = 128 << 10;
+
+/// Operations one queue's asynchronous I/O runs at once (io_uring entries, worker threads up
+/// to the pool's own limit); a guest that queues more has them wait in the queue's pending list.
+pub const ASYNC_DEPTH: usize = 256;
 
 /// virtio_blk_config (virtio 1.2 §5.2.4), the fields up to write_zeroes_may_unmap.
 #[derive(Clone, Copy, Debug, Default, IntoBytes, Immutable, KnownLayout)]
@@ -75,7 +80,8 @@ pub struct DeviceOptions {
     pub serial: String,
     /// Flush after every write (the guest sees a write-through cache).
     pub writethrough: bool,
-    /// `--aio`: None = io_uring where the kernel allows it (used once the data path is async).
+    /// `--aio`: requests in flight through this I/O layer ([`crate::async_requests`]); None:
+    /// each queue thread runs its requests one at a time (the default for now).
     pub aio: Option<crate::io::AioChoice>,
     /// Threads that help a queue with a batch of large requests (0: none).
     pub helper_threads: usize,
@@ -132,7 +138,13 @@ impl BlockDevice {
                 serial: options.serial.clone(),
                 writethrough: AtomicBool::new(options.writethrough),
             }),
-            helpers: HelperPool::new(options.helper_threads)?,
+            // With requests in flight the disk overlaps them already; the helpers only help
+            // the one-at-a-time path.
+            helpers: HelperPool::new(if options.aio.is_some() {
+                0
+            } else {
+                options.helper_threads
+            })?,
             options,
             config: RwLock::new(config),
         })
@@ -349,6 +361,18 @@ impl BlockDevice {
         if let Some(last) = previous {
             last.wait();
         }
+    }
+
+    /// With `--aio`: the asynchronous state of one queue thread ([`AsyncQueue`]), for a queue
+    /// of at most `max_size` heads, its I/O [`ASYNC_DEPTH`] operations deep (more wait in its
+    /// pending list). `None`: the synchronous path ([`Self::process_queue`]).
+    pub fn async_queue(&self, max_size: u16) -> Option<io::Result<AsyncQueue>> {
+        let choice = self.options.aio?;
+        let depth = usize::from(max_size).clamp(1, ASYNC_DEPTH);
+        Some(
+            crate::io::new_io(choice, depth)
+                .map(|io| AsyncQueue::new(Arc::clone(&self.requests), io, max_size)),
+        )
     }
 
     /// Runs one request; returns the used length (bytes written to the guest).

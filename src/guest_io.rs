@@ -21,7 +21,7 @@ use crate::vhdx::{ReadTarget, Storage, WriteSource};
 use crate::virtio_blk::Segment;
 
 /// The kernel takes at most this many iovecs per call.
-const IOV_MAX: usize = 1024;
+pub const IOV_MAX: usize = 1024;
 
 /// Largest buffer between guest memory and a storage that is not a plain file (a log replayed
 /// in memory, tests): one request may cover nearly 4 GiB, on many queues at once.
@@ -103,6 +103,21 @@ impl<'a> GuestBuffers<'a> {
             at = 0;
         }
         out
+    }
+}
+
+impl GuestBuffers<'_> {
+    /// The iovecs of request bytes `[at, at + len)`, for an asynchronous transfer: they point
+    /// into the guest memory mapping, which the caller keeps alive (its `Arc`) until the
+    /// transfer is complete.
+    pub fn iovecs(&self, at: usize, len: usize) -> SmallVec<[nix::libc::iovec; 4]> {
+        self.slices(at, len)
+            .iter()
+            .map(|s| nix::libc::iovec {
+                iov_base: s.ptr_guard_mut().as_ptr().cast(),
+                iov_len: s.len(),
+            })
+            .collect()
     }
 }
 

@@ -92,7 +92,17 @@ impl BlkHandler {
                 .spawn(move || {
                     crate::guest_memory::block_async_signals();
                     crate::sandbox::ThreadKind::Queue.confine();
-                    if let Err(e) = run_queue_thread(&queue, |q| dev.process_queue(q)) {
+                    let r = match dev.async_queue(max) {
+                        None => run_queue_thread(&queue, None, |q| dev.process_queue(q)),
+                        Some(Ok(mut aq)) => {
+                            let r = run_queue_thread(&queue, Some(aq.notifier()), |q| aq.serve(q));
+                            // Nothing in flight outlives the thread.
+                            aq.finish_all(&queue);
+                            r
+                        }
+                        Some(Err(e)) => Err(e),
+                    };
+                    if let Err(e) = r {
                         warn!("queue {i}: its thread ended: {e}");
                     }
                 })?;

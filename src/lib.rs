@@ -1,6 +1,7 @@
 //! vhost-user-vhdx: serve VHDX disks (fixed, dynamic and differencing) to virtual machines over
 //! vhost-user-blk, and the image tools around it.
 
+pub mod async_requests;
 pub mod backend;
 pub mod cli;
 pub mod daemon;

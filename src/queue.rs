@@ -13,10 +13,10 @@
 //! write into the rings, a head taken twice) stops only this queue, with one log line, until the
 //! VMM sets the ring up again ([`QueueState::reinit`]); it is never retried in a loop.
 //!
-//! The queue thread waits in epoll on the kick eventfd and a control eventfd (stop, exit,
-//! "look again": a new kick fd, the ring started, new memory). Room is left for a third fd, the
-//! completion notifier of an asynchronous I/O layer: its completions would go through
-//! [`Queue::complete`] like any other.
+//! The queue thread waits in epoll on the kick eventfd, a control eventfd (stop, exit,
+//! "look again": a new kick fd, the ring started, new memory) and, with requests in flight
+//! ([`crate::async_requests`]), the completion notifier of its asynchronous I/O: those
+//! completions go through [`Queue::complete`] like any other.
 
 use std::collections::VecDeque;
 use std::fs::File;
@@ -401,17 +401,30 @@ impl Queue {
 
 const TOKEN_CTRL: u64 = 0;
 const TOKEN_KICK: u64 = 1;
-// Reserved: TOKEN_COMPLETIONS = 2, the asynchronous I/O layer's completion notifier.
+/// The asynchronous I/O layer's completion notifier (`serve` reaps, which clears it).
+const TOKEN_COMPLETIONS: u64 = 2;
 
-/// The queue thread: waits for kicks and control events and serves the queue with `serve`
-/// whenever it may run, until asked to exit.
-pub fn run_queue_thread(queue: &Arc<Queue>, mut serve: impl FnMut(&Arc<Queue>)) -> io::Result<()> {
+/// The queue thread: waits for kicks, control events and, if `completions` is given, that
+/// notifier, and serves the queue with `serve` after each wake-up, until asked to exit.
+/// `serve` runs even while the queue is stopped, so that completions still come in.
+pub fn run_queue_thread(
+    queue: &Arc<Queue>,
+    completions: Option<std::os::fd::RawFd>,
+    mut serve: impl FnMut(&Arc<Queue>),
+) -> io::Result<()> {
     let epoll = Epoll::new()?;
     epoll.ctl(
         ControlOperation::Add,
         queue.ctrl.as_raw_fd(),
         EpollEvent::new(EventSet::IN, TOKEN_CTRL),
     )?;
+    if let Some(fd) = completions {
+        epoll.ctl(
+            ControlOperation::Add,
+            fd,
+            EpollEvent::new(EventSet::IN, TOKEN_COMPLETIONS),
+        )?;
+    }
     let mut kick: Option<Arc<File>> = None;
     let mut events = [EpollEvent::default(); 4];
     loop {

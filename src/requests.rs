@@ -35,7 +35,7 @@ enum Failed {
 }
 
 /// True if guest memory `[addr, addr + len)` overlaps one of `areas`.
-fn overlaps(areas: &[(GuestAddress, u64)], addr: GuestAddress, len: u64) -> bool {
+pub(crate) fn overlaps(areas: &[(GuestAddress, u64)], addr: GuestAddress, len: u64) -> bool {
     let end = addr.0.saturating_add(len);
     areas
         .iter()

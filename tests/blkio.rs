@@ -602,6 +602,13 @@ fn random_batch(rng: &mut StdRng, n: usize, area: Area, block: u64, buf_len: usi
     reqs
 }
 
+/// How many batches of requests, and how many requests a batch has at most (the queue depth).
+#[derive(Clone, Copy)]
+struct Batches {
+    count: usize,
+    depth: usize,
+}
+
 /// Runs `batches` random batches of requests in `area` on `q`, verifying every read against
 /// `model` (the whole disk) and keeping it up to date. Returns the number of requests.
 fn exercise(
@@ -610,12 +617,12 @@ fn exercise(
     model: &Mutex<Vec<u8>>,
     area: Area,
     block: u64,
-    batches: usize,
+    batches: Batches,
     rng: &mut StdRng,
 ) -> usize {
     let mut count = 0;
-    for _ in 0..batches {
-        let n = rng.gen_range(1..=8);
+    for _ in 0..batches.count {
+        let n = rng.gen_range(1..=batches.depth);
         let reqs = random_batch(rng, n, area, block, buf.len);
         let at = layout(&reqs);
         let mut data: Vec<Vec<u8>> = Vec::with_capacity(reqs.len());
@@ -697,7 +704,7 @@ fn on_all_queues(
     model: &Mutex<Vec<u8>>,
     area: impl Fn(u64) -> Area + Sync,
     block: u64,
-    batches: usize,
+    batches: Batches,
     seed: u64,
 ) -> usize {
     let buf = client.buf;
@@ -728,7 +735,7 @@ fn on_all_queues(
 /// the helper threads too.
 #[test]
 fn random_io_on_three_queues() {
-    random_io(common::tempdir("blkio-random-"), &[]);
+    random_io(common::tempdir("blkio-random-"), &[], 8);
 }
 
 /// The same with `--cache none`: every file O_DIRECT; the random iovec splits put guest
@@ -738,10 +745,53 @@ fn random_io_on_three_queues_cache_none() {
     random_io(
         common::direct_io_tempdir("blkio-random-direct-"),
         &["--cache", "none"],
+        8,
     );
 }
 
-fn random_io(dir: tempfile::TempDir, extra: &[&str]) {
+/// Requests in flight (`--aio io_uring`): batches of up to 96 requests per queue on three
+/// queues, so that many complete out of order; the same checks against the model.
+#[test]
+fn random_io_in_flight_io_uring() {
+    random_io(
+        common::tempdir("blkio-random-uring-"),
+        &["--aio", "io_uring"],
+        96,
+    );
+}
+
+/// The same on the thread pool (`--aio threads`), the fallback where io_uring is forbidden.
+#[test]
+fn random_io_in_flight_threads() {
+    random_io(
+        common::tempdir("blkio-random-threads-"),
+        &["--aio", "threads"],
+        96,
+    );
+}
+
+/// Requests in flight with `--cache none`: aligned pieces go to the disk asynchronously,
+/// requests with unaligned buffers take the synchronous bounce path, side by side.
+#[test]
+fn random_io_in_flight_cache_none() {
+    random_io(
+        common::direct_io_tempdir("blkio-random-uring-direct-"),
+        &["--cache", "none", "--aio", "io_uring"],
+        96,
+    );
+}
+
+/// The same on the thread pool.
+#[test]
+fn random_io_in_flight_threads_cache_none() {
+    random_io(
+        common::direct_io_tempdir("blkio-random-threads-direct-"),
+        &["--cache", "none", "--aio", "threads"],
+        96,
+    );
+}
+
+fn random_io(dir: tempfile::TempDir, extra: &[&str], depth: usize) {
     const QUEUES: u64 = 3;
     const BLOCK: u64 = MIB;
     const SIZE: u64 = 96 * MIB;
@@ -761,6 +811,15 @@ fn random_io(dir: tempfile::TempDir, extra: &[&str]) {
             log.contains("O_DIRECT"),
             "serve did not open O_DIRECT:\n{log}"
         );
+    }
+    for (aio, says) in [
+        ("io_uring", "data I/O: io_uring"),
+        ("threads", "a thread pool"),
+    ] {
+        if extra.contains(&aio) {
+            let log = backend.log_text();
+            assert!(log.contains(says), "serve did not use {aio}:\n{log}");
+        }
     }
 
     let model = Mutex::new(vec![0u8; SIZE as usize]);
@@ -784,7 +843,7 @@ fn random_io(dir: tempfile::TempDir, extra: &[&str]) {
             &model,
             own_region,
             BLOCK,
-            150,
+            Batches { count: 150, depth },
             s,
         );
         total += on_all_queues(
@@ -793,7 +852,7 @@ fn random_io(dir: tempfile::TempDir, extra: &[&str]) {
             &model,
             stripes,
             BLOCK,
-            150,
+            Batches { count: 150, depth },
             s + 10,
         );
     }
@@ -806,7 +865,26 @@ fn random_io(dir: tempfile::TempDir, extra: &[&str]) {
     let all = read_range(q, buf.sub(0, 8 << 20), 0, SIZE);
     assert_same(&all, &model, 0, "full read");
     drop(client);
+    let log_path = backend.log.clone();
     backend.stop_clean();
+    if extra.contains(&"--aio") {
+        // Both kinds of request really went through the asynchronous path.
+        let log = std::fs::read_to_string(&log_path).unwrap();
+        let (mut reads, mut writes) = (0u64, 0u64);
+        for line in log.lines().filter(|l| l.contains("ran in flight")) {
+            let words: Vec<&str> = line.split_whitespace().collect();
+            let count = |what: &str| -> u64 {
+                let i = words.iter().position(|w| *w == what).unwrap();
+                words[i - 1].parse().unwrap()
+            };
+            reads += count("reads");
+            writes += count("writes");
+        }
+        assert!(
+            reads > 0 && writes > 0,
+            "{reads} reads and {writes} writes in flight:\n{log}"
+        );
+    }
 
     assert_closed_clean(&img);
     common::assert_qemu_img_check_clean(&img, "after the backend stopped");
@@ -944,7 +1022,18 @@ fn disconnect_and_reconnect() {
             drop(client);
             break;
         }
-        exercise(q, buf, &model, whole, MIB, 30, &mut rng);
+        exercise(
+            q,
+            buf,
+            &model,
+            whole,
+            MIB,
+            Batches {
+                count: 30,
+                depth: 8,
+            },
+            &mut rng,
+        );
         if round == 2 {
             // Requests in flight at the disconnect: submitted, not waited for.
             for i in 0..16u64 {
@@ -1024,7 +1113,18 @@ fn differencing_chain() {
         base: 0,
         span: SIZE,
     };
-    exercise(q, buf, &shared, whole, MIB, 150, &mut rng);
+    exercise(
+        q,
+        buf,
+        &shared,
+        whole,
+        MIB,
+        Batches {
+            count: 150,
+            depth: 8,
+        },
+        &mut rng,
+    );
     let model = shared.into_inner().unwrap();
     assert_same(&read_range(q, buf, 0, SIZE), &model, 0, "leaf after writes");
     drop(client);

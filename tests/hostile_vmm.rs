@@ -490,7 +490,9 @@ fn sigterm_while_waiting_on_an_abstract_fd_socket() {
     let fd = sock.as_raw_fd();
     let log = dir.path().join("serve.log");
     let mut cmd = Command::new(common::serve_bin());
-    cmd.args(["serve", "--fd", &fd.to_string(), s(&image)])
+    cmd.arg("serve")
+        .args(common::env_args())
+        .args(["--fd", &fd.to_string(), s(&image)])
         .stdin(Stdio::null())
         .stdout(std::fs::File::create(&log).unwrap())
         .stderr(std::fs::File::create(&log).unwrap());

@@ -56,6 +56,71 @@ fn get_vring_base_returns_after_the_last_completion() {
     c.after(f);
 }
 
+/// With requests in flight (`--aio`): GET_VRING_BASE waits for reads of allocated data that
+/// the queue thread submitted and did not complete yet, and nothing moves afterwards.
+fn get_vring_base_waits_for_requests_in_flight(aio: &str) {
+    // A suite run with `VHDX_SERVE_ARGS="--aio ..."` names the layer already (once only).
+    let forced = common::env_args().iter().any(|a| a == "--aio");
+    let args = ["--aio", aio];
+    let mut c = Case::start(if forced { &[] } else { &args });
+    c.write_mark();
+    let mem = Memory::new(0, 80 * MIB);
+    let mut f = c.connect();
+    f.start(&mem, &Setup::default());
+    // Allocate every block the reads touch, so that they go to the file asynchronously.
+    // (A first write to a block allocates all of it; these keep clear of the mark.)
+    let data = pattern(3, 4096);
+    for i in 0..60 {
+        f.write(&mem, 0, (i * MIB + MIB / 2) / 512, &data);
+    }
+    // Writes to allocated blocks, then reads of them, all at once: deep in flight.
+    let writes: Vec<Pending> = (0..24u64)
+        .map(|i| {
+            let buf = mem.alloc(MIB, 4096);
+            f.add(
+                &mem,
+                0,
+                &Blk::Write {
+                    sector: (36 + i) * MIB / 512,
+                    data: pattern(4, MIB as usize),
+                },
+                buf,
+            )
+        })
+        .collect();
+    let reads = many_reads(&mut f, &mem, 24, MIB as u32);
+    let before = f.queues[0].used_idx(&mem);
+    let deadline = Instant::now() + TIMEOUT;
+    while f.queues[0].used_idx(&mem) == before {
+        assert!(Instant::now() < deadline, "no request completed");
+        std::thread::sleep(Duration::from_micros(100));
+    }
+    let base = f.get_vring_base(0).expect("GET_VRING_BASE");
+    let used = f.queues[0].used_idx(&mem);
+    assert_eq!(
+        used as u32, base,
+        "GET_VRING_BASE replied {base} while the used index was {used}: requests were still in flight"
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        f.queues[0].used_idx(&mem),
+        used,
+        "the used index moved after GET_VRING_BASE had replied"
+    );
+    let _ = (writes, reads);
+    c.after(f);
+}
+
+#[test]
+fn get_vring_base_waits_for_requests_in_flight_io_uring() {
+    get_vring_base_waits_for_requests_in_flight("io_uring");
+}
+
+#[test]
+fn get_vring_base_waits_for_requests_in_flight_threads() {
+    get_vring_base_waits_for_requests_in_flight("threads");
+}
+
 #[test]
 fn a_reinitialised_ring_never_receives_an_old_head() {
     let (c, mem, mut f) = Case::marked(&["--helper-threads", "1"], 80 * MIB);

@@ -75,6 +75,8 @@ JOBS = [
      "full", ["--rw=randwrite", "--bs=4k"]),
 ]
 BACKENDS = ["ours", "qsd-vhdx", "qsd-raw", "fio-raw"]
+# More arguments for our serve (--serve-args).
+SERVE_ARGS = []
 ALL_BACKENDS = BACKENDS + ["ours-direct", "qsd-direct-uring", "qsd-direct-threads", "fio-direct"]
 COLD_BACKENDS = ["ours-direct", "ours", "qsd-direct-uring", "qsd-direct-threads", "fio-direct"]
 # Backends that never read through the host page cache.
@@ -124,7 +126,8 @@ def start_backend(kind, image, sock, queues, log=subprocess.DEVNULL):
         os.unlink(sock)
     if kind in ("ours", "ours-direct"):
         cache = ["--cache", "none"] if kind == "ours-direct" else []
-        cmd = [BIN, "serve", "--socket-path", sock, "--num-queues", str(queues)] + cache + [image]
+        cmd = ([BIN, "serve", "--socket-path", sock, "--num-queues", str(queues)] + cache
+               + SERVE_ARGS + [image])
     else:
         fmt = "raw" if kind == "qsd-raw" else "vhdx"
         opts = {"qsd-direct-uring": ",cache.direct=on,aio=io_uring",
@@ -257,9 +260,12 @@ def main():
                          "else O_DIRECT backends only")
     ap.add_argument("--pin", action="store_true",
                     help=f"client on core {CLIENT_CPU}, backend on core {BACKEND_CPU}")
+    ap.add_argument("--serve-args", default="",
+                    help="more arguments for our serve, e.g. '--aio io_uring'")
     a = ap.parse_args()
-    global JOBS, BACKENDS, PIN
+    global JOBS, BACKENDS, PIN, SERVE_ARGS
     PIN = a.pin
+    SERVE_ARGS = a.serve_args.split()
     if a.pin and os.cpu_count() < 2:
         raise SystemExit("--pin needs two cores")
     if a.jobs:

@@ -46,12 +46,13 @@ pub struct ServeArgs {
     /// Same as `--cache writethrough`.
     #[arg(long, conflicts_with = "cache")]
     pub writethrough: bool,
-    /// How data I/O runs: `io_uring`, or `threads` (a worker pool); default: io_uring where
-    /// the kernel allows it.
+    /// Requests in flight at the guest's queue depth, their data I/O through `io_uring` or
+    /// `threads` (a worker pool, where io_uring is forbidden); default for now: each queue
+    /// thread runs one request at a time.
     #[arg(long, value_enum)]
     pub aio: Option<AioChoice>,
-    /// Threads that help a queue with large reads (default: one per core beyond the first;
-    /// 0: each queue is served by its own thread alone).
+    /// Threads that help a queue with large reads when `--aio` is not given (default: one per
+    /// core beyond the first; 0: each queue is served by its own thread alone).
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(0..=256))]
     pub helper_threads: Option<u16>,
     /// Confine the process once its files are open (see README "Sandbox"); off only to debug.
@@ -133,8 +134,15 @@ pub fn run(args: ServeArgs) -> CliResult<ExitCode> {
         );
     }
     // Probed once here, so that the log names the choice and a forced io_uring that cannot
-    // work fails before serving.
-    let aio = crate::io::choose(args.aio)?;
+    // work fails before serving. Requests in flight are opt-in for now: without --aio each
+    // queue thread runs its requests one at a time.
+    let aio = match args.aio {
+        Some(forced) => Some(crate::io::choose(Some(forced))?),
+        None => {
+            log::info!("data I/O: one request at a time per queue (--aio io_uring|threads for requests in flight)");
+            None
+        }
+    };
     let serial = args.serial.clone().unwrap_or_else(|| {
         chain
             .leaf()
@@ -153,7 +161,7 @@ pub fn run(args: ServeArgs) -> CliResult<ExitCode> {
         queue_size: args.queue_size,
         serial,
         writethrough: args.writethrough || args.cache == CacheMode::Writethrough,
-        aio: Some(aio),
+        aio,
         // Counted before the sandbox: the cgroup's CPU quota is read from /sys.
         helper_threads: args
             .helper_threads

@@ -159,6 +159,21 @@ impl WriteGate {
         }
     }
 
+    /// [`Self::shared`] without waiting: `None` while a read-modify-write runs or waits. For a
+    /// thread that holds shared guards of its own in flight and must not wait behind a writer
+    /// that waits for them.
+    pub fn try_shared(self: &Arc<Self>) -> Option<GateGuard> {
+        let mut s = self.lock();
+        if s.exclusive || s.exclusive_waiting > 0 {
+            return None;
+        }
+        s.shared += 1;
+        Some(GateGuard {
+            gate: Arc::clone(self),
+            exclusive: false,
+        })
+    }
+
     /// For a read-modify-write: runs alone.
     pub fn exclusive(self: &Arc<Self>) -> GateGuard {
         let mut s = self.lock();
@@ -431,6 +446,23 @@ mod tests {
         std::fs::write(&path, &pattern).unwrap();
         let f = open_direct(&path, true).expect("the build directory's filesystem takes O_DIRECT");
         (path, DirectFile::new(f))
+    }
+
+    #[test]
+    fn try_shared_never_waits_behind_a_read_modify_write() {
+        let gate = Arc::new(WriteGate::default());
+        let a = gate.try_shared().expect("a free gate is shared");
+        drop(a);
+        let x = gate.exclusive();
+        assert!(
+            gate.try_shared().is_none(),
+            "shared beside an exclusive holder"
+        );
+        drop(x);
+        let b = gate
+            .try_shared()
+            .expect("shared again once the exclusive holder left");
+        drop(b);
     }
 
     #[test]

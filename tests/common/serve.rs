@@ -24,6 +24,14 @@ pub fn serve_bin() -> PathBuf {
         .unwrap_or_else(super::bin)
 }
 
+/// Arguments every `serve` of these tests gets first: `$VHDX_SERVE_ARGS`, split at spaces (to
+/// run a suite on another path, e.g. `VHDX_SERVE_ARGS="--aio threads"`).
+pub fn env_args() -> Vec<String> {
+    std::env::var("VHDX_SERVE_ARGS")
+        .map(|a| a.split_whitespace().map(str::to_string).collect())
+        .unwrap_or_default()
+}
+
 /// A running `serve`; killed (SIGKILL) on drop, its log printed if the test is failing.
 pub struct Serve {
     pub child: Option<Child>,
@@ -63,6 +71,7 @@ impl Serve {
             .arg("serve")
             .arg("--socket-path")
             .arg(&self.socket)
+            .args(env_args())
             .args(&self.args)
             .arg(&self.image)
             .env(
