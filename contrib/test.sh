@@ -3,6 +3,11 @@
 # Extra arguments go to `cargo test --release`, e.g.
 #   contrib/test.sh --test peers_smoke
 #   contrib/test.sh -- --nocapture
+#
+# Before the tests, every fuzz target runs for a short while (contrib/fuzz.sh; a finding fails
+# the run). VHDX_FUZZ_SECONDS sets the seconds per target (default 20; 6 targets);
+# VHDX_FUZZ_SECONDS=0 skips fuzzing. It runs first so that cargo test's summary stays the last
+# output.
 set -euo pipefail
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -12,5 +17,14 @@ cd "$REPO"
 
 # The interpreter with pyvhdi, for tests/common (tests/peers/*.py).
 export VHDX_PYTHON="${VHDX_VENV:-$REPO/.venv}/bin/python"
+
+FUZZ_SECONDS=${VHDX_FUZZ_SECONDS:-20}
+if ! [[ "$FUZZ_SECONDS" =~ ^[0-9]+$ ]]; then
+    echo "VHDX_FUZZ_SECONDS must be a number of seconds (0: no fuzzing), not '$FUZZ_SECONDS'" >&2
+    exit 2
+fi
+if [ "$FUZZ_SECONDS" != 0 ]; then
+    "$REPO/contrib/fuzz.sh" "$FUZZ_SECONDS"
+fi
 
 exec cargo test --release "$@"
