@@ -13,18 +13,19 @@ set -euo pipefail
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$REPO"
 
-"$REPO/contrib/setup-test-deps.sh"
-
-# The interpreter with pyvhdi, for tests/common (tests/peers/*.py).
-export VHDX_PYTHON="${VHDX_VENV:-$REPO/.venv}/bin/python"
-
 FUZZ_SECONDS=${VHDX_FUZZ_SECONDS:-20}
 if ! [[ "$FUZZ_SECONDS" =~ ^[0-9]+$ ]]; then
     echo "VHDX_FUZZ_SECONDS must be a number of seconds (0: no fuzzing), not '$FUZZ_SECONDS'" >&2
     exit 2
 fi
-if [ "$FUZZ_SECONDS" != 0 ]; then
-    "$REPO/contrib/fuzz.sh" "$FUZZ_SECONDS"
+
+"$REPO/contrib/setup-test-deps.sh"
+
+# The interpreter with pyvhdi, for tests/common (tests/peers/*.py).
+export VHDX_PYTHON="${VHDX_VENV:-$REPO/.venv}/bin/python"
+
+if (( 10#$FUZZ_SECONDS > 0 )); then
+    "$REPO/contrib/fuzz.sh" "$((10#$FUZZ_SECONDS))"
 fi
 
 exec cargo test --release "$@"
