@@ -116,7 +116,11 @@ fn drive(mut u: Unstructured) -> Result<()> {
             "head {h} is not in flight"
         );
     }
-    assert!(rec.next_counter > last, "next counter {} after {last}", rec.next_counter);
+    assert!(
+        rec.next_counter > last,
+        "next counter {} after {last}",
+        rec.next_counter
+    );
     // Every entry in flight and not returned was in the last batch, now cleared.
     for i in 0..queue_size {
         if region[HEADER + ENTRY * usize::from(i)] != 0 {
