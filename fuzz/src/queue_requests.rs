@@ -170,12 +170,12 @@ fn snapshot(mem: &GuestMemoryMmap, at: u64, len: u64) -> Option<Vec<u8>> {
     Some(b)
 }
 
-/// An area's address: usually `usual`, sometimes anywhere.
+/// An area's address: usually `usual` (also when the input has run out), sometimes anywhere.
 fn area(u: &mut Unstructured, usual: u64, align: u64) -> Result<u64> {
     Ok(match u.int_in_range(0..=15u8)? {
-        0 => u.arbitrary()?,
-        1 => u.int_in_range(0..=MEM)?,
-        2 => u.int_in_range(0..=MEM)? / align * align,
+        13 => u.arbitrary()?,
+        14 => u.int_in_range(0..=MEM)?,
+        15 => u.int_in_range(0..=MEM)? / align * align,
         _ => usual,
     })
 }
@@ -249,17 +249,23 @@ impl Driver {
             let d = raw(u, size)?;
             put(&self.mem, self.desc.wrapping_add(16 * u64::from(i)), &d);
         }
-        let k: u16 = if u.ratio(1, 16)? {
-            u.arbitrary()?
+        // (`ratio` is true and integers are their least once the input has run out: then a
+        // whole ring of well-formed requests, no crash.)
+        let k: u16 = if u.ratio(15, 16)? {
+            match u.int_in_range(0..=size + 1)? {
+                0 => size,
+                k if k == size => 0,
+                k => k,
+            }
         } else {
-            u.int_in_range(0..=size + 1)?
+            u.arbitrary()?
         };
         let start: u16 = u.arbitrary()?;
         for j in 0..k.min(size) {
-            let head = if u.ratio(1, 8)? {
-                u.arbitrary()?
-            } else {
+            let head = if u.ratio(7, 8)? {
                 start.wrapping_add(j) % size
+            } else {
+                u.arbitrary()?
             };
             if head < size && u.ratio(1, 2)? {
                 self.request(u, head)?;
@@ -344,7 +350,7 @@ fn drive(mut u: Unstructured) -> Result<()> {
     let lss = if u.ratio(1, 4)? { 4096 } else { 512 };
     let writethrough = u.arbitrary()?;
     let plain_file = u.arbitrary()?;
-    let size = 1u16 << u.int_in_range(0..=5u8)?;
+    let size = *u.choose(&[8u16, 1, 2, 4, 16, 32])?;
     let (desc, avail, used) = (area(u, DESC, 16)?, area(u, AVAIL, 2)?, area(u, USED, 4)?);
     let event_idx = u.arbitrary()?;
     let base: u16 = if u.ratio(1, 2)? { 0 } else { u.arbitrary()? };
@@ -446,12 +452,12 @@ fn drive(mut u: Unstructured) -> Result<()> {
     for action in plan {
         d.add(&mut script)?;
         match action % 8 {
-            0 => {
+            6 => {
                 let next = q.stop(false);
                 assert_eq!(next, q.lock().ring.next_avail());
                 stopped = true;
             }
-            1 => {
+            7 => {
                 q.lock().set_kick(None);
                 stopped = false;
             }
@@ -515,7 +521,7 @@ fn serve(
             }
             let n = u.int_in_range(1..=batch.len()).unwrap_or(batch.len());
             for _ in 0..n {
-                if u.ratio(1, 64).unwrap_or(false) {
+                if !u.ratio(63, 64).unwrap_or(true) {
                     d.crash(region);
                     return true;
                 }
