@@ -313,10 +313,11 @@ impl Driver {
             return;
         }
         let expected = if self.event_idx {
-            // Notify iff one of the used indices published since the last decision is the
-            // one the driver asked to be told about.
+            // Notify iff the driver asked to be told when the entry at used index
+            // `used_event` is used, and that was one of the entries added since the last
+            // decision (indices old .. new - 1).
             let wanted = get16(&self.mem, self.used_event_at()).expect("in memory");
-            (1..=new.wrapping_sub(old)).any(|k| old.wrapping_add(k) == wanted)
+            (0..new.wrapping_sub(old)).any(|k| old.wrapping_add(k) == wanted)
         } else {
             get16(&self.mem, self.avail).expect("in memory") & 1 == 0
         };
