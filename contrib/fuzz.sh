@@ -15,7 +15,7 @@ SECONDS_PER_TARGET=${1:-60}
 shift || true
 TARGETS=("$@")
 if [ ${#TARGETS[@]} -eq 0 ]; then
-    TARGETS=(open_image log_replay virtio_parse queue_requests write_model)
+    TARGETS=(open_image log_replay virtio_parse queue_requests inflight_region write_model)
 fi
 
 if ! command -v cargo-fuzz >/dev/null; then

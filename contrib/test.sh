@@ -3,14 +3,29 @@
 # Extra arguments go to `cargo test --release`, e.g.
 #   contrib/test.sh --test peers_smoke
 #   contrib/test.sh -- --nocapture
+#
+# Before the tests, every fuzz target runs for a short while (contrib/fuzz.sh; a finding fails
+# the run). VHDX_FUZZ_SECONDS sets the seconds per target (default 20; 6 targets);
+# VHDX_FUZZ_SECONDS=0 skips fuzzing. It runs first so that cargo test's summary stays the last
+# output.
 set -euo pipefail
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$REPO"
 
+FUZZ_SECONDS=${VHDX_FUZZ_SECONDS:-20}
+if ! [[ "$FUZZ_SECONDS" =~ ^[0-9]+$ ]]; then
+    echo "VHDX_FUZZ_SECONDS must be a number of seconds (0: no fuzzing), not '$FUZZ_SECONDS'" >&2
+    exit 2
+fi
+
 "$REPO/contrib/setup-test-deps.sh"
 
 # The interpreter with pyvhdi, for tests/common (tests/peers/*.py).
 export VHDX_PYTHON="${VHDX_VENV:-$REPO/.venv}/bin/python"
+
+if (( 10#$FUZZ_SECONDS > 0 )); then
+    "$REPO/contrib/fuzz.sh" "$((10#$FUZZ_SECONDS))"
+fi
 
 exec cargo test --release "$@"

@@ -32,6 +32,8 @@ const USED_IDX_AT: usize = 14;
 const INFLIGHT_AT: usize = 0;
 const NEXT_AT: usize = 6;
 const COUNTER_AT: usize = 8;
+/// The largest counter a region may hold (2^63: room for 2^63 more requests).
+const MAX_COUNTER: u64 = 1 << 63;
 
 /// Bytes of one queue's part of the region.
 pub fn queue_region_size(queue_size: u16) -> usize {
@@ -133,6 +135,11 @@ pub fn recover(
     queue_size: u16,
     used_idx: u16,
 ) -> Result<Recovery, String> {
+    if queue_size == 0 {
+        // Nothing a VMM can set up (SET_VRING_NUM refuses it); a region initialised for it
+        // could not be read back.
+        return Err("in-flight region for a queue of 0 entries".into());
+    }
     if region.len() < queue_region_size(queue_size) {
         return Err(format!(
             "in-flight region of {} bytes is too small for a queue of {queue_size}",
@@ -172,8 +179,9 @@ pub fn recover(
         ));
     }
     let recorded_used = v.u16_at(USED_IDX_AT);
-    // Heads of the last batch whose in-flight flag may not have been cleared.
-    let mut batch = Vec::new();
+    // Heads of the last batch whose in-flight flag may not have been cleared (a bitmap: a
+    // hostile region may make the batch as long as a queue of 32768).
+    let mut batch = vec![false; usize::from(desc_num)];
     let batch_len = used_idx.wrapping_sub(recorded_used);
     if batch_len > desc_num {
         return Err(format!(
@@ -182,28 +190,35 @@ pub fn recover(
     }
     let mut head = last_batch;
     for k in 0..batch_len {
-        if head >= desc_num || batch.contains(&head) {
+        if head >= desc_num || batch[usize::from(head)] {
             return Err(format!(
                 "in-flight region's last batch list is broken at entry {k} (head {head})"
             ));
         }
-        batch.push(head);
+        batch[usize::from(head)] = true;
         head = v.next(head);
     }
     let mut heads: Vec<(u64, u16)> = (0..desc_num)
-        .filter(|&i| v.inflight(i) && !batch.contains(&i))
+        .filter(|&i| v.inflight(i) && !batch[usize::from(i)])
         .map(|i| (v.counter(i), i))
         .collect();
     heads.sort_unstable();
     if heads.windows(2).any(|w| w[0].0 == w[1].0) || heads.iter().any(|&(c, _)| c == 0) {
         return Err("in-flight region holds heads with equal or zero counters".into());
     }
+    // The record goes on counting from the largest: leave it room (a real counter, one per
+    // request, never gets near; a larger one is garbage and would overflow).
+    if let Some(&(c, i)) = heads.last().filter(|&&(c, _)| c > MAX_COUNTER) {
+        return Err(format!(
+            "in-flight region's counter {c} (head {i}) is past {MAX_COUNTER}"
+        ));
+    }
     // Checked: now fix the region up.
-    for &i in &batch {
+    for i in (0..desc_num).filter(|&i| batch[usize::from(i)]) {
         v.set_inflight(i, false);
     }
     v.set_u16(USED_IDX_AT, used_idx);
-    let next_counter = heads.last().map_or(1, |&(c, _)| c.saturating_add(1));
+    let next_counter = heads.last().map_or(1, |&(c, _)| c + 1);
     Ok(Recovery {
         fresh: false,
         heads: heads.into_iter().map(|(_, i)| i).collect(),
@@ -424,6 +439,11 @@ mod tests {
         // Too small for the queue.
         let mut small = Crafted::new(8);
         assert!(small.recover(16, 0).is_err());
+        // A queue of 0 (found by fuzz/inflight_region): it used to be initialised as fresh,
+        // then refused when read back.
+        let mut zero = Crafted::new(0);
+        assert!(zero.recover(0, 0).is_err());
+        assert!(zero.0.iter().all(|&b| b == 0), "left alone");
     }
 
     #[test]
@@ -461,6 +481,16 @@ mod tests {
                 Box::new(|r| {
                     r.header(1, 8, 0, 10);
                     r.entry(1, true, 0, 0);
+                }),
+            ),
+            // Seen while writing fuzz/inflight_region: accepted, and the record's next
+            // `begin` overflowed its counter.
+            (
+                "counter at its limit",
+                Box::new(|r| {
+                    r.header(1, 8, 0, 10);
+                    r.entry(1, true, 0, 5);
+                    r.entry(2, true, 0, u64::MAX);
                 }),
             ),
         ];

@@ -210,7 +210,8 @@ impl SplitRing {
                 .load::<u16>(at, Ordering::Relaxed)
                 .map(u16::from_le)
                 .map_err(|e| mem_err("used_event", at, e))?;
-            // virtio 1.2 §2.7.10: notify if used_event lies in (old, new].
+            // virtio 1.2 §2.7.10: notify if used_event lies in [old, new), i.e. the entry at
+            // index used_event is one of those just added.
             let new = self.next_used;
             let old = new.wrapping_sub(added);
             return Ok(new.wrapping_sub(used_event).wrapping_sub(1) < new.wrapping_sub(old));

@@ -4,6 +4,7 @@
 //! Every harness treats its input as untrusted the way the daemon does: nothing may panic,
 //! hang or allocate without bound; only the harness's own invariants (the model) assert.
 
+pub mod inflight_region;
 pub mod log_replay;
 pub mod open_image;
 pub mod queue_requests;
