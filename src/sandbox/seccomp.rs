@@ -12,11 +12,10 @@
 //! Each table says, line by line, who needs a call. When a change needs a new system call, add
 //! it to the table of the threads that make it (and to `tests/sandbox.rs` if it matters): a
 //! call outside the tables stops the process with a log line naming it (see [`on_sigsys`]).
-//! Nothing is listed for work that is not there yet. `src/io/` runs nothing after entry today
-//! (its io_uring probe runs before it); when the queue threads use it, the queue and helper
-//! tables need `io_uring_setup`, `io_uring_enter` and `io_uring_register` (a ring per queue
-//! thread, its eventfd registered), and the thread pool's workers (`vhdx-aio`, started by
-//! whichever thread submits) a kind of their own with STORAGE.
+//! Nothing is listed for work that is not there yet. With `--aio io_uring` each queue thread
+//! sets up its own ring (the IO_URING table, also on the control thread's list, the ceiling of
+//! the queue threads it starts); with `--aio threads` the pool's workers (`vhdx-aio`) are
+//! started by the queue thread and run under its filters (STORAGE, THREADS).
 //!
 //! Two more filters turn calls into errors instead of a stop: opening, creating or removing a
 //! path fails with EACCES (what Landlock says too; libraries try such things and cope, and the
@@ -230,6 +229,16 @@ const THREADS: Table = &[
     ),
 ];
 
+/// Requests in flight through io_uring (`--aio io_uring`, src/io/uring.rs): each queue thread
+/// sets up its own ring, maps it (MAP_SHARED, never executable: the mmap rule above) and
+/// registers its completion eventfd. seccomp cannot see the operations inside the ring; the
+/// ring only ever carries reads, writes and fdatasync of the chain's files (src/io/).
+const IO_URING: Table = &[
+    (libc::SYS_io_uring_setup, Args::Any),
+    (libc::SYS_io_uring_enter, Args::Any),
+    (libc::SYS_io_uring_register, Args::Any),
+];
+
 /// The signal thread: waits for SIGTERM/SIGINT, sets the stop eventfd (`write`) and shuts down
 /// the connection if one is being served (src/daemon.rs). No wake-up connect: the control
 /// thread waits on the stop eventfd.
@@ -256,9 +265,10 @@ impl ThreadKind {
     pub(super) fn tables(self) -> &'static [Table] {
         match self {
             // Its list is also the ceiling of the queue threads it starts.
-            ThreadKind::Control => &[CONTROL, THREADS, STORAGE, EVENTS, EVENTS_LEGACY],
-            // A WAL worker started from a queue thread inherits its filter: EVENTS is its.
-            ThreadKind::Queue => &[THREADS, STORAGE, EVENTS, EVENTS_LEGACY],
+            ThreadKind::Control => &[CONTROL, THREADS, STORAGE, EVENTS, EVENTS_LEGACY, IO_URING],
+            // A WAL worker started from a queue thread inherits its filter: EVENTS is its. So
+            // do the `--aio threads` workers (src/io/threads.rs): STORAGE and THREADS.
+            ThreadKind::Queue => &[THREADS, STORAGE, EVENTS, EVENTS_LEGACY, IO_URING],
             // A batch shared with the helpers holds whatever was on the ring after a large
             // read: writes too, and so the WAL worker's start.
             ThreadKind::Helper => &[THREADS, STORAGE, EVENTS, EVENTS_LEGACY],

@@ -605,7 +605,8 @@ impl Writer {
     pub fn plan_write(&self, offset: u64, len: u64) -> Result<Option<WritePlan>> {
         self.check_poison()?;
         // Rule 1: the session's new GUIDs are durable before the first byte changes.
-        self.session()?;
+        let s = self.session()?;
+        let wait_for_metadata = self.metadata_before_return.load(Ordering::Relaxed);
         let bs = u64::from(self.geometry.block_size);
         let mut guard = WriteGuard {
             inflight: Arc::clone(&self.inflight),
@@ -620,7 +621,11 @@ impl Writer {
             let n = (bs - in_block).min(end - pos);
             let _shared = self.stripe(block).read().unwrap_or_else(|e| e.into_inner());
             let (state, entry) = self.bat.payload(block);
-            if state != PayloadBlockState::FullyPresent || !self.inflight.try_add(block) {
+            // In `wait_for_metadata` mode a write into a block whose allocation is not yet
+            // durable must not complete before it is: the engine's path waits for it.
+            let pending = wait_for_metadata && !s.wal.is_durable(self.relied_on(block));
+            if state != PayloadBlockState::FullyPresent || pending || !self.inflight.try_add(block)
+            {
                 return Ok(None); // the guard gives back the blocks counted so far
             }
             guard.blocks.push(block);

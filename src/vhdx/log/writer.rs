@@ -248,6 +248,11 @@ impl Wal {
         }
     }
 
+    /// Whether generation `generation` is durable already.
+    pub fn is_durable(&self, generation: u64) -> bool {
+        lock(&self.shared).durable >= generation
+    }
+
     /// Asks for the commit of `generation` without waiting for it (a waiter comes later).
     pub fn request(&self, generation: u64) {
         let mut st = lock(&self.shared);
