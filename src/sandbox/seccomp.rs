@@ -237,6 +237,12 @@ const IO_URING: Table = &[
     (libc::SYS_io_uring_setup, Args::Any),
     (libc::SYS_io_uring_enter, Args::Any),
     (libc::SYS_io_uring_register, Args::Any),
+    // `AsyncIo::wait` (src/io/): a queue thread that must drain its requests in flight (before
+    // a synchronous request, at a stop) waits on the completion eventfd with poll; so does
+    // `--aio threads`.
+    #[cfg(target_arch = "x86_64")]
+    (libc::SYS_poll, Args::Any),
+    (libc::SYS_ppoll, Args::Any),
 ];
 
 /// The signal thread: waits for SIGTERM/SIGINT, sets the stop eventfd (`write`) and shuts down
