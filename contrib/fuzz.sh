@@ -38,6 +38,8 @@ SEEDER=$(ls -d target/*/release/make_seeds | head -n 1)
 "$SEEDER" corpus "$REPO"/tests/data/fixtures/*.vhdx.gz
 
 for t in "${TARGETS[@]}"; do
+    # A target the seeder has nothing for starts from an empty corpus (libFuzzer needs the folder).
+    mkdir -p "corpus/$t"
     echo "== fuzz $t: ${SECONDS_PER_TARGET}s ${TOOLCHAIN:-+stable} ${SANITIZER[*]}"
     cargo $TOOLCHAIN fuzz run "${SANITIZER[@]}" "$t" "corpus/$t" -- \
         -max_total_time="$SECONDS_PER_TARGET" -dict=vhdx.dict -rss_limit_mb=2048 \
