@@ -80,8 +80,8 @@ pub struct DeviceOptions {
     pub serial: String,
     /// Flush after every write (the guest sees a write-through cache).
     pub writethrough: bool,
-    /// `--aio`: requests in flight through this I/O layer ([`crate::async_requests`]); None:
-    /// each queue thread runs its requests one at a time (the default for now).
+    /// `--aio`: requests in flight through this I/O layer ([`crate::async_requests`]); None
+    /// (`--aio off`): each queue thread runs its requests one at a time.
     pub aio: Option<crate::io::AioChoice>,
     /// Threads that help a queue with a batch of large requests (0: none).
     pub helper_threads: usize,
@@ -369,10 +369,16 @@ impl BlockDevice {
     pub fn async_queue(&self, max_size: u16) -> Option<io::Result<AsyncQueue>> {
         let choice = self.options.aio?;
         let depth = usize::from(max_size).clamp(1, ASYNC_DEPTH);
-        Some(
-            crate::io::new_io(choice, depth)
-                .map(|io| AsyncQueue::new(Arc::clone(&self.requests), io, max_size)),
-        )
+        let io = match crate::io::new_io(choice, depth) {
+            // The probe at startup passed, yet this ring could not be set up (memory, a
+            // limit): the thread pool serves this queue rather than no one.
+            Err(e) if choice == crate::io::AioChoice::IoUring => {
+                log::warn!("an io_uring of {depth} entries: {e}; this queue uses a thread pool");
+                crate::io::new_io(crate::io::AioChoice::Threads, depth)
+            }
+            other => other,
+        };
+        Some(io.map(|io| AsyncQueue::new(Arc::clone(&self.requests), io, max_size)))
     }
 
     /// Runs one request; returns the used length (bytes written to the guest).

@@ -12,7 +12,7 @@ use crate::backend::{
     default_helper_threads, BlockDevice, DeviceOptions, DEFAULT_NUM_QUEUES, DEFAULT_QUEUE_SIZE,
 };
 use crate::daemon::{self, Socket};
-use crate::io::AioChoice;
+use crate::io::AioMode;
 use crate::sandbox::{self, SeccompMode};
 use crate::vhdx::{Chain, ChainOptions};
 
@@ -46,15 +46,21 @@ pub struct ServeArgs {
     /// Same as `--cache writethrough`.
     #[arg(long, conflicts_with = "cache")]
     pub writethrough: bool,
-    /// Requests in flight at the guest's queue depth, their data I/O through `io_uring` or
-    /// `threads` (a worker pool, where io_uring is forbidden); default for now: each queue
-    /// thread runs one request at a time.
-    #[arg(long, value_enum)]
-    pub aio: Option<AioChoice>,
-    /// Threads that help a queue with large reads when `--aio` is not given (default: one per
+    /// How queues run their data I/O. `auto` (the default): requests in flight at the guest's
+    /// queue depth through io_uring, or through a thread pool where io_uring is missing or
+    /// forbidden (old kernels, Docker's default seccomp profile); the log names the choice.
+    /// `io_uring` or `threads` force one (io_uring that cannot start is an error); `off` runs
+    /// one request at a time per queue (an escape hatch).
+    #[arg(long, value_enum, default_value_t = AioMode::Auto, overrides_with = "aio")]
+    pub aio: AioMode,
+    /// With `--aio off` only: threads that help a queue with large reads (default: one per
     /// core beyond the first; 0: each queue is served by its own thread alone).
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(0..=256))]
     pub helper_threads: Option<u16>,
+    /// Tests only: the N-th asynchronous data read or write fails with EIO (`read:N`,
+    /// `write:N`), as QEMU's blkdebug.
+    #[arg(long, value_name = "KIND:N", hide = true)]
+    pub debug_inject_eio: Option<String>,
     /// Confine the process once its files are open (see README "Sandbox"); off only to debug.
     #[arg(long, value_enum, default_value_t = OnOff::On)]
     pub sandbox: OnOff,
@@ -74,6 +80,56 @@ pub struct ServeArgs {
     pub image: Option<PathBuf>,
     #[arg(long, value_name = "PATH", hide = true, conflicts_with = "image")]
     pub blk_file: Option<PathBuf>,
+}
+
+/// How long `serve` waits for the image's locks to be released before it gives up.
+///
+/// A back-end killed with SIGKILL and restarted at once by its supervisor can find its own
+/// image still locked for a moment: the dead process's io_uring is torn down by the kernel
+/// asynchronously, and operations it had in flight (and the io-wq workers running them) hold
+/// references on the image's open file description, which owns the OFD locks, until then. A
+/// lock held by a live process still fails, with the same message, once this has passed.
+pub const LOCK_WAIT: Duration = Duration::from_secs(5);
+
+/// [`Chain::open`], retried while a file of the chain is locked by someone else, for at most
+/// `wait` (one log line when it starts waiting).
+fn open_waiting_for_locks(
+    image: &std::path::Path,
+    options: &ChainOptions,
+    wait: Duration,
+) -> crate::vhdx::Result<Chain> {
+    let deadline = std::time::Instant::now() + wait;
+    let mut said = false;
+    loop {
+        match Chain::open(image, options) {
+            Err(e) if is_lock_error(&e) && std::time::Instant::now() < deadline => {
+                if !said {
+                    log::warn!(
+                        "{e}; waiting up to {} s for it to be released (a process killed just now can hold it for a moment)",
+                        wait.as_secs()
+                    );
+                    said = true;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(e) => return Err(e),
+            Ok(chain) => {
+                if said {
+                    log::info!("the image's locks were released; serving");
+                }
+                return Ok(chain);
+            }
+        }
+    }
+}
+
+fn is_lock_error(e: &crate::vhdx::Error) -> bool {
+    use crate::vhdx::{ChainError, Error};
+    match e {
+        Error::Locked(_) => true,
+        Error::Chain(ChainError::Open { source, .. }) => is_lock_error(source),
+        _ => false,
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -118,13 +174,18 @@ pub fn run(args: ServeArgs) -> CliResult<ExitCode> {
         credentials: sandbox::privileges::resolve(args.user.as_deref(), args.group.as_deref())?,
         num_queues: args.num_queues,
     };
+    let fault = args
+        .debug_inject_eio
+        .as_deref()
+        .map(crate::io::fault::Plan::parse)
+        .transpose()?;
     // The whole chain is opened (and locked) before serving: nothing is opened later, so a
     // sandbox can be put in place after this point.
     let chain_options = ChainOptions {
         direct: args.cache.direct(),
         ..args.chain.options(!args.read_only)
     };
-    let chain = Chain::open(&image, &chain_options)?;
+    let chain = open_waiting_for_locks(&image, &chain_options, LOCK_WAIT)?;
     if let Some(d) = chain.leaf().storage().direct() {
         let a = d.align();
         log::info!(
@@ -134,15 +195,20 @@ pub fn run(args: ServeArgs) -> CliResult<ExitCode> {
         );
     }
     // Probed once here, so that the log names the choice and a forced io_uring that cannot
-    // work fails before serving. Requests in flight are opt-in for now: without --aio each
-    // queue thread runs its requests one at a time.
+    // work fails before serving.
     let aio = match args.aio {
-        Some(forced) => Some(crate::io::choose(Some(forced))?),
-        None => {
-            log::info!("data I/O: one request at a time per queue (--aio io_uring|threads for requests in flight)");
+        AioMode::Off => {
+            log::info!("data I/O: one request at a time per queue (--aio off)");
             None
         }
+        mode => Some(crate::io::choose(mode.forced())?),
     };
+    if aio.is_some() && args.helper_threads.is_some() {
+        log::info!("--helper-threads is for --aio off; requests in flight need no helpers");
+    }
+    if let Some(plan) = fault {
+        crate::io::fault::install(plan);
+    }
     let serial = args.serial.clone().unwrap_or_else(|| {
         chain
             .leaf()

@@ -14,6 +14,7 @@
 //! the file fills the rest with zeros, and EINTR/EAGAIN are retried: a result is either the
 //! whole length or an error. The VHDX engine does not depend on this module.
 
+pub mod fault;
 pub mod threads;
 pub mod uring;
 
@@ -23,11 +24,36 @@ use std::os::fd::RawFd;
 use nix::libc;
 use smallvec::SmallVec;
 
-/// `--aio`: which implementation serves a device's queues.
+/// `--aio`: how a device's queues run their data I/O.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum AioMode {
+    /// io_uring where it works, else the thread pool (the default).
+    Auto,
+    /// io_uring; an error if it cannot be set up here.
+    #[value(name = "io_uring")]
+    IoUring,
+    /// The thread pool.
+    Threads,
+    /// No requests in flight: each queue thread runs one request at a time (with
+    /// `--helper-threads` for large reads). An escape hatch, not for production.
+    Off,
+}
+
+impl AioMode {
+    /// The engine this mode forces, if it forces one; `None` for `auto` and `off`.
+    pub fn forced(self) -> Option<AioChoice> {
+        match self {
+            AioMode::IoUring => Some(AioChoice::IoUring),
+            AioMode::Threads => Some(AioChoice::Threads),
+            AioMode::Auto | AioMode::Off => None,
+        }
+    }
+}
+
+/// Which implementation serves a device's queues.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum AioChoice {
     /// io_uring (Linux 5.1+, where the sandbox allows it).
-    #[value(name = "io_uring")]
     IoUring,
     /// A pool of worker threads running preadv/pwritev/fdatasync.
     Threads,
@@ -163,12 +189,12 @@ pub fn choose_with(
         },
         None => match probe() {
             Ok(()) => {
-                log::info!("data I/O: io_uring");
+                log::info!("data I/O: io_uring (--aio auto: it works here)");
                 Ok(AioChoice::IoUring)
             }
             Err(e) => {
                 log::warn!(
-                    "data I/O: a thread pool, because io_uring cannot be used ({})",
+                    "data I/O: a thread pool (--aio auto), because io_uring cannot be used ({})",
                     why_no_uring(&e)
                 );
                 Ok(AioChoice::Threads)
@@ -189,12 +215,14 @@ fn why_no_uring(e: &io::Error) -> String {
     }
 }
 
-/// A new instance of `choice` for one queue thread, `depth` operations deep.
+/// A new instance of `choice` for one queue thread, `depth` operations deep (wrapped in
+/// [`fault::FaultyIo`] when serve was asked to inject errors).
 pub fn new_io(choice: AioChoice, depth: usize) -> io::Result<Box<dyn AsyncIo>> {
-    Ok(match choice {
+    let io: Box<dyn AsyncIo> = match choice {
         AioChoice::IoUring => Box::new(uring::UringIo::new(depth)?),
         AioChoice::Threads => Box::new(threads::ThreadPoolIo::new(depth)?),
-    })
+    };
+    Ok(fault::wrap(io))
 }
 
 #[cfg(test)]
