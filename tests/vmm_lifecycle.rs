@@ -35,9 +35,11 @@ fn first_completion(ring: &Ring, mem: &Memory) {
     }
 }
 
+/// One request at a time with a helper thread (`--aio off`); the same with requests in
+/// flight is `get_vring_base_waits_for_requests_in_flight_*`.
 #[test]
 fn get_vring_base_returns_after_the_last_completion() {
-    let (c, mem, mut f) = Case::marked(&["--helper-threads", "1"], 80 * MIB);
+    let (c, mem, mut f) = Case::marked(&["--aio", "off", "--helper-threads", "1"], 80 * MIB);
     f.start(&mem, &Setup::default());
     many_reads(&mut f, &mem, 64, MIB as u32);
     first_completion(&f.queues[0], &mem);
@@ -59,10 +61,8 @@ fn get_vring_base_returns_after_the_last_completion() {
 /// With requests in flight (`--aio`): GET_VRING_BASE waits for reads of allocated data that
 /// the queue thread submitted and did not complete yet, and nothing moves afterwards.
 fn get_vring_base_waits_for_requests_in_flight(aio: &str) {
-    // A suite run with `VHDX_SERVE_ARGS="--aio ..."` names the layer already (once only).
-    let forced = common::env_args().iter().any(|a| a == "--aio");
-    let args = ["--aio", aio];
-    let mut c = Case::start(if forced { &[] } else { &args });
+    // Overrides a suite run's `VHDX_SERVE_ARGS="--aio ..."` (the last `--aio` counts).
+    let mut c = Case::start(&["--aio", aio]);
     c.write_mark();
     let mem = Memory::new(0, 80 * MIB);
     let mut f = c.connect();
@@ -123,7 +123,7 @@ fn get_vring_base_waits_for_requests_in_flight_threads() {
 
 #[test]
 fn a_reinitialised_ring_never_receives_an_old_head() {
-    let (c, mem, mut f) = Case::marked(&["--helper-threads", "1"], 80 * MIB);
+    let (c, mem, mut f) = Case::marked(&["--aio", "off", "--helper-threads", "1"], 80 * MIB);
     f.start(&mem, &Setup::default());
     // Old heads are 0, 3, 6, ... (three descriptors a request).
     many_reads(&mut f, &mem, 64, MIB as u32);

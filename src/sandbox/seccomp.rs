@@ -12,7 +12,7 @@
 //! Each table says, line by line, who needs a call. When a change needs a new system call, add
 //! it to the table of the threads that make it (and to `tests/sandbox.rs` if it matters): a
 //! call outside the tables stops the process with a log line naming it (see [`on_sigsys`]).
-//! Nothing is listed for work that is not there yet. With `--aio io_uring` each queue thread
+//! Nothing is listed for work that is not there yet. With io_uring (`--aio auto`) each queue thread
 //! sets up its own ring (the IO_URING table, also on the control thread's list, the ceiling of
 //! the queue threads it starts); with `--aio threads` the pool's workers (`vhdx-aio`) are
 //! started by the queue thread and run under its filters (STORAGE, THREADS).
@@ -229,7 +229,7 @@ const THREADS: Table = &[
     ),
 ];
 
-/// Requests in flight through io_uring (`--aio io_uring`, src/io/uring.rs): each queue thread
+/// Requests in flight through io_uring (`--aio auto`, src/io/uring.rs): each queue thread
 /// sets up its own ring, maps it (MAP_SHARED, never executable: the mmap rule above) and
 /// registers its completion eventfd. seccomp cannot see the operations inside the ring; the
 /// ring only ever carries reads, writes and fdatasync of the chain's files (src/io/).
