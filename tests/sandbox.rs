@@ -487,13 +487,17 @@ fn every_thread_of_a_running_serve_is_confined_and_only_its_files_are_open() {
         // The process-wide filters are 3, and every thread narrows itself to its kind (one
         // more). A queue thread is started by the control thread once that one has narrowed
         // itself: it runs under both lists (two more); so does the WAL worker when a queue
-        // thread starts it (a helper may start it too).
+        // thread starts it (a helper may start it too), and io_uring's workers.
         let filters: u32 = status_field(&status, "Seccomp_filters")
             .unwrap()
             .parse()
             .unwrap();
         let expected: &[u32] = if name.starts_with("queue-") {
             queue_threads += 1;
+            &[5]
+        } else if name.starts_with("iou-wrk-") {
+            // io_uring's workers (io-wq), which run a ring's blocking operations: kernel
+            // threads in the process, copies of the queue thread that set the ring up.
             &[5]
         } else if name == "vhdx-wal" {
             &[4, 5]
@@ -534,6 +538,8 @@ fn every_thread_of_a_running_serve_is_confined_and_only_its_files_are_open() {
             assert!(
                 t == "anon_inode:[eventfd]"
                     || t == "anon_inode:[eventpoll]"
+                    // a queue thread's ring (requests in flight, the default)
+                    || t == "anon_inode:[io_uring]"
                     || t.starts_with("/memfd:"),
                 "fd {n} -> {t}: not the chain, a socket or the VMM's"
             );
