@@ -70,6 +70,16 @@ fn our_backend() -> Vec<String> {
     vec![s(&serve_bin()).to_owned(), "serve".to_owned()]
 }
 
+/// [`our_backend`] on the thread pool (`--aio threads`), for the tests that time a kill or a
+/// reset by the bytes the backend moved ([`bytes_moved`], /proc/PID/io): io_uring's transfers
+/// do not show there (the kernel counts rchar/wchar in the read/write system calls only), so
+/// on io_uring, the default, those stops would never come.
+fn our_backend_counted() -> Vec<String> {
+    let mut command = our_backend();
+    command.extend(["--aio".to_owned(), "threads".to_owned()]);
+    command
+}
+
 /// Whether a test that would run our serve is skipped (`VHDX_GUEST_SKIP_SERVE=1`); says so.
 fn skip_our_serve(test: &str) -> bool {
     let skip = matches!(std::env::var("VHDX_GUEST_SKIP_SERVE").as_deref(), Ok(v) if !v.is_empty() && v != "0");
@@ -171,6 +181,14 @@ impl Backend {
     fn start_ours(image: &Path, socket: &Path, queues: u16) -> Backend {
         Backend {
             child: Some(spawn_backend(&our_backend(), image, socket, queues)),
+            socket: socket.to_owned(),
+        }
+    }
+
+    /// [`Backend::start_ours`] with [`our_backend_counted`].
+    fn start_ours_counted(image: &Path, socket: &Path, queues: u16) -> Backend {
+        Backend {
+            child: Some(spawn_backend(&our_backend_counted(), image, socket, queues)),
             socket: socket.to_owned(),
         }
     }
@@ -780,8 +798,9 @@ impl RestartingBackend {
             );
         }
         self.starts += 1;
+        // Its kills are timed by the bytes it moved: see `our_backend_counted`.
         self.child = Some(spawn_backend(
-            &our_backend(),
+            &our_backend_counted(),
             &self.image,
             &self.socket,
             self.queues,
@@ -1119,7 +1138,8 @@ fn qmp_system_reset_during_large_reads() {
     let socket = dir.path().join("vhost.sock");
     let qmp_path = dir.path().join("qmp.sock");
     ours_ok(&["create", "-q", s(&image), "128M"]);
-    let backend = Backend::start_ours(&image, &socket, 1);
+    // The reset is timed by the bytes it moved: see `our_backend_counted`.
+    let backend = Backend::start_ours_counted(&image, &socket, 1);
     let pid = backend.child.as_ref().unwrap().id();
 
     let resetter = {
