@@ -136,6 +136,7 @@ fn a_lock_held_by_a_live_process_still_fails_after_the_wait() {
             s(&d.join("second.sock")),
             s(&image),
         ])
+        .env("RUST_LOG", "warn")
         .stdin(Stdio::null())
         .output()
         .unwrap();
