@@ -175,30 +175,10 @@ fn run_beside<T: Send + 'static>(
     }
 }
 
-/// Runs `guest-run --socket SOCK... --queues N OPTS... SCRIPT ARGS...` within
-/// [`GUEST_TIMEOUT_SECS`] (scaled) and returns the script's stdout; panics with everything
-/// (guest stdout and stderr, console tail, backend logs) unless the script exits 0.
+/// Runs `guest-run --socket SOCK... --queues N --timeout T OPTS... SCRIPT ARGS...` (T:
+/// `timeout_secs` scaled) and returns the script's stdout; panics with everything (guest stdout
+/// and stderr, console tail, backend logs) unless the script exits 0.
 fn guest_run(
-    test: &str,
-    backends: &[&Backend],
-    queues: u16,
-    opts: &[&str],
-    script: &str,
-    args: &[String],
-) -> String {
-    guest_run_within(
-        test,
-        GUEST_TIMEOUT_SECS,
-        backends,
-        queues,
-        opts,
-        script,
-        args,
-    )
-}
-
-/// [`guest_run`] with a timeout of `timeout_secs` (scaled).
-fn guest_run_within(
     test: &str,
     timeout_secs: u32,
     backends: &[&Backend],
@@ -340,6 +320,7 @@ fn pattern(test: &str, dir: tempfile::TempDir, command: Option<Vec<String>>) {
     args.extend(offsets.iter().map(u64::to_string));
     let out = guest_run(
         test,
+        GUEST_TIMEOUT_SECS,
         &[&backend],
         2,
         &["--no-fio", "--file", s(&pattern)],
@@ -405,6 +386,7 @@ fn filesystem_copy_and_fstrim() {
     let args = ["/dev/vda", "files", "bulk.bin", &bulk_copies.to_string()].map(String::from);
     let out = guest_run(
         test,
+        GUEST_TIMEOUT_SECS,
         &[&backend],
         1,
         &["--no-fio", "--file", s(&files), "--file", s(&bulk)],
@@ -504,6 +486,7 @@ fn fio_verify_two_queues() {
     let args = ["/dev/vda".to_owned(), region.to_string()];
     let out = guest_run(
         test,
+        GUEST_TIMEOUT_SECS,
         &[&backend],
         2,
         &["--file", s(&job)],
@@ -551,6 +534,7 @@ fn differencing_chain_depth_2() {
     args.extend(offsets.iter().map(u64::to_string));
     let out = guest_run(
         test,
+        GUEST_TIMEOUT_SECS,
         &[&backend],
         2,
         &["--no-fio", "--file", s(&pattern)],
@@ -619,7 +603,15 @@ fn discard_and_write_zeroes() {
     let args = [fill, fill_len, zero, zero_len, disc, disc_len].map(|v| v.to_string());
     let mut all = vec!["/dev/vda".to_owned()];
     all.extend(args);
-    let out = guest_run(test, &[&backend], 1, &["--no-fio"], "discard.sh", &all);
+    let out = guest_run(
+        test,
+        GUEST_TIMEOUT_SECS,
+        &[&backend],
+        1,
+        &["--no-fio"],
+        "discard.sh",
+        &all,
+    );
     backend.stop();
     assert_line(&out, "QUEUES 1");
     assert_line(&out, "ZEROES OK");
@@ -827,7 +819,7 @@ fn restarts_during_fio_verify(test: &str, signal: &'static str) {
         test,
         killer,
         || {
-            guest_run_within(
+            guest_run(
                 test,
                 120,
                 &[&view],
@@ -1000,7 +992,7 @@ fn qmp_stop_and_cont_during_large_reads() {
         test,
         pauser,
         || {
-            guest_run_within(
+            guest_run(
                 test,
                 120,
                 &[&backend],
@@ -1062,7 +1054,7 @@ fn qmp_system_reset_during_large_reads() {
         test,
         resetter,
         || {
-            guest_run_within(
+            guest_run(
                 test,
                 150,
                 &[&backend],
