@@ -281,38 +281,71 @@ impl GuestBuffers<'_> {
 
 /// preadv of aligned guest slices from an O_DIRECT file.
 fn read_slices(d: &DirectFile, slices: &[VolatileSlice<'_, ()>], offset: u64) -> io::Result<()> {
-    let guards: Few<_> = slices.iter().map(|s| s.ptr_guard_mut()).collect();
-    let mut iovs: Few<IoSliceMut<'_>> = guards
-        .iter()
-        .zip(slices)
-        .map(|(g, s)| {
-            // SAFETY: as in `ReadTarget::read_from`: checked guest memory, mapped while the
-            // request holds the memory guard.
-            IoSliceMut::new(unsafe { std::slice::from_raw_parts_mut(g.as_ptr(), s.len()) })
-        })
-        .collect();
-    let align = d.align().offset;
-    in_iov_max_calls(&mut iovs, offset, |chunk, at| {
-        pread_all(d.file(), chunk, at, align)
-    })
+    preadv_slices(d.file(), slices, offset, d.align().offset)
 }
 
 /// pwritev of aligned guest slices to an O_DIRECT file, beside other aligned writes but never
 /// beside a read-modify-write of the file.
 fn write_slices(d: &DirectFile, slices: &[VolatileSlice<'_, ()>], offset: u64) -> io::Result<()> {
+    let _shared = d.gate().shared();
+    pwritev_slices(d.file(), slices, offset)
+}
+
+/// preadv of guest slices from `file` at `offset`, IOV_MAX slices a call (`align`: as for
+/// [`pread_all`]).
+fn preadv_slices(
+    file: &std::fs::File,
+    slices: &[VolatileSlice<'_, ()>],
+    offset: u64,
+    align: u64,
+) -> io::Result<()> {
+    let guards: Few<_> = slices.iter().map(|s| s.ptr_guard_mut()).collect();
+    let mut iovs: Few<IoSliceMut<'_>> = guards
+        .iter()
+        .zip(slices)
+        .map(|(g, s)| {
+            // SAFETY: the slice is a checked range of guest memory that stays mapped while
+            // the request holds the memory guard; the guest may access it concurrently,
+            // which is the nature of shared guest memory and harmless for the kernel copy.
+            IoSliceMut::new(unsafe { std::slice::from_raw_parts_mut(g.as_ptr(), s.len()) })
+        })
+        .collect();
+    in_iov_max_calls(&mut iovs, offset, |chunk, at| {
+        pread_all(file, chunk, at, align)
+    })
+}
+
+/// pwritev of guest slices to `file` at `offset`, IOV_MAX slices a call.
+fn pwritev_slices(
+    file: &std::fs::File,
+    slices: &[VolatileSlice<'_, ()>],
+    offset: u64,
+) -> io::Result<()> {
     let guards: Few<_> = slices.iter().map(|s| s.ptr_guard()).collect();
     let mut iovs: Few<IoSlice<'_>> = guards
         .iter()
         .zip(slices)
         .map(|(g, s)| {
-            // SAFETY: as in `WriteSource::write_to`; the kernel only reads these bytes.
+            // SAFETY: as in `preadv_slices`; the kernel only reads these bytes.
             IoSlice::new(unsafe { std::slice::from_raw_parts(g.as_ptr(), s.len()) })
         })
         .collect();
-    let _shared = d.gate().shared();
-    in_iov_max_calls(&mut iovs, offset, |chunk, at| {
-        pwrite_all(d.file(), chunk, at)
-    })
+    in_iov_max_calls(&mut iovs, offset, |chunk, at| pwrite_all(file, chunk, at))
+}
+
+/// Moves `len` bytes between the guest and a layer over the file (replayed log, tests) through
+/// one buffer of at most [`LAYER_BOUNCE`] bytes: `piece(offset in the range, its buffer)` for
+/// each piece in turn.
+fn in_layer_bounce_pieces(
+    len: usize,
+    mut piece: impl FnMut(usize, &mut [u8]) -> io::Result<()>,
+) -> io::Result<()> {
+    let mut buf = vec![0u8; len.min(LAYER_BOUNCE)];
+    for at in (0..len).step_by(LAYER_BOUNCE) {
+        let n = (len - at).min(LAYER_BOUNCE);
+        piece(at, &mut buf[..n])?;
+    }
+    Ok(())
 }
 
 impl ReadTarget for GuestBuffers<'_> {
@@ -331,34 +364,17 @@ impl ReadTarget for GuestBuffers<'_> {
             return self.direct_io(at, len, d, file_offset, Dir::Read);
         }
         let Some(file) = storage.as_file() else {
-            // A layer over the file (replayed log, tests): copy through a bounded buffer.
-            let mut buf = vec![0u8; len.min(LAYER_BOUNCE)];
-            for piece in (0..len).step_by(LAYER_BOUNCE) {
-                let n = (len - piece).min(LAYER_BOUNCE);
-                storage.read_at(&mut buf[..n], file_offset + piece as u64)?;
+            return in_layer_bounce_pieces(len, |piece, buf| {
+                storage.read_at(buf, file_offset + piece as u64)?;
                 let mut done = 0;
-                for s in &self.slices(at + piece, n) {
+                for s in &self.slices(at + piece, buf.len()) {
                     s.copy_from(&buf[done..done + s.len()]);
                     done += s.len();
                 }
-            }
-            return Ok(());
+                Ok(())
+            });
         };
-        let slices = self.slices(at, len);
-        let guards: Few<_> = slices.iter().map(|s| s.ptr_guard_mut()).collect();
-        let mut iovs: Few<IoSliceMut<'_>> = guards
-            .iter()
-            .zip(&slices)
-            .map(|(g, s)| {
-                // SAFETY: the slice is a checked range of guest memory that stays mapped while
-                // the request holds the memory guard; the guest may access it concurrently,
-                // which is the nature of shared guest memory and harmless for the kernel copy.
-                IoSliceMut::new(unsafe { std::slice::from_raw_parts_mut(g.as_ptr(), s.len()) })
-            })
-            .collect();
-        in_iov_max_calls(&mut iovs, file_offset, |chunk, at| {
-            pread_all(file, chunk, at, 1)
-        })
+        preadv_slices(file, &self.slices(at, len), file_offset, 1)
     }
 
     fn fill_zero(&mut self, at: usize, len: usize) {
@@ -391,39 +407,23 @@ impl WriteSource for GuestBuffers<'_> {
             return self.direct_io(at, len, d, file_offset, Dir::Write);
         }
         let Some(file) = storage.as_file() else {
-            // As in read_from: a bounded buffer, piece by piece.
-            let mut buf = vec![0u8; len.min(LAYER_BOUNCE)];
-            for piece in (0..len).step_by(LAYER_BOUNCE) {
-                let n = (len - piece).min(LAYER_BOUNCE);
+            return in_layer_bounce_pieces(len, |piece, buf| {
                 let mut done = 0;
-                for s in &self.slices(at + piece, n) {
+                for s in &self.slices(at + piece, buf.len()) {
                     s.copy_to(&mut buf[done..done + s.len()]);
                     done += s.len();
                 }
-                storage.write_at(&buf[..n], file_offset + piece as u64)?;
-            }
-            return Ok(());
+                storage.write_at(buf, file_offset + piece as u64)
+            });
         };
-        let slices = self.slices(at, len);
-        let guards: Few<_> = slices.iter().map(|s| s.ptr_guard()).collect();
-        let mut iovs: Few<IoSlice<'_>> = guards
-            .iter()
-            .zip(&slices)
-            .map(|(g, s)| {
-                // SAFETY: as in read_from; the kernel only reads these bytes.
-                IoSlice::new(unsafe { std::slice::from_raw_parts(g.as_ptr(), s.len()) })
-            })
-            .collect();
-        in_iov_max_calls(&mut iovs, file_offset, |chunk, at| {
-            pwrite_all(file, chunk, at).map_err(|e| {
-                // The kernel could not read the guest's pages (a memory file shrunk under its
-                // mapping): the guest's fault, not the image's.
-                if e.raw_os_error() == Some(nix::libc::EFAULT) {
-                    SourceFault::error(format!("guest data buffer: {e}"))
-                } else {
-                    e
-                }
-            })
+        pwritev_slices(file, &self.slices(at, len), file_offset).map_err(|e| {
+            // The kernel could not read the guest's pages (a memory file shrunk under its
+            // mapping): the guest's fault, not the image's.
+            if e.raw_os_error() == Some(nix::libc::EFAULT) {
+                SourceFault::error(format!("guest data buffer: {e}"))
+            } else {
+                e
+            }
         })
     }
 }

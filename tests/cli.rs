@@ -558,6 +558,38 @@ fn check_of_the_dirty_log_fixture() {
     assert_eq!(code, 0, "qemu-img check after our -r all:\n{report}");
 }
 
+#[test]
+fn check_and_its_repairs_of_a_differencing_child() {
+    // The repairs open the child for writing and its parents read-only beside it: the chain
+    // must not open the child a second time (its own write lock refused that) and must not
+    // want the parent writable.
+    let dir = tempdir("cli-check-child-");
+    let base = dir.path().join("base.vhdx");
+    let child = dir.path().join("child.vhdx");
+    ours_ok(&["create", "-q", s(&base), "64M"]);
+    ours_ok(&["io", "-c", "write -P 0x11 0 1M", s(&base)]);
+    ours_ok(&["create", "-q", "-b", s(&base), s(&child)]);
+    ours_ok(&["io", "-c", "write -P 0x22 1M 1M", s(&child)]);
+    let base_before = std::fs::read(&base).unwrap();
+    for repair in [&[][..], &["-r", "leaks"], &["-r", "all"]] {
+        let mut args = vec!["check", "--output", "json"];
+        args.extend_from_slice(repair);
+        args.push(s(&child));
+        let report = json_any(&args, 0);
+        assert_eq!(report["corruptions"], 0, "{args:?}: {report:#}");
+        assert_eq!(report["check-errors"], 0, "{args:?}: {report:#}");
+        assert_eq!(
+            std::fs::read(&base).unwrap(),
+            base_before,
+            "{args:?} changed the parent"
+        );
+    }
+    // The chain still reads what was written to each layer.
+    let data = read_at_vhdx(&child, dir.path(), 0, 2 * MIB as usize);
+    assert!(data[..MIB as usize].iter().all(|&b| b == 0x11));
+    assert!(data[MIB as usize..].iter().all(|&b| b == 0x22));
+}
+
 // ---------------------------------------------------------------------------------------------
 // convert
 // ---------------------------------------------------------------------------------------------

@@ -28,20 +28,26 @@
 //! runs fio (QEMU reconnects: guest-run `--reconnect-ms`) and pause and resume the VM over QMP
 //! (guest-run `--qmp`); they always run our serve (`VHDX_SERVE_BIN` names another build of it).
 //!
+//! Deadlines (the backend's start and stop, QMP, guest-run's `--timeout`, the waits inside the
+//! guest) are generous and all multiplied by `VHDX_GUEST_TIME_SCALE` (default 1) on a machine
+//! slower or busier than that: see tests/common/guest.rs, which also holds the backend and
+//! guest-run plumbing this file shares with tests/guest_maintenance.rs.
+//!
 //! `VHDX_GUEST_VERBOSE=1` streams each guest's kernel console to stderr (`guest-run -v`). Run
 //! with `-- --nocapture` to see the timing lines.
 
 mod common;
 
 use std::collections::HashSet;
-use std::fs::{self, File};
+use std::fs;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use common::guest::*;
 use common::*;
 use rand::{RngCore, SeedableRng};
 
@@ -65,175 +71,15 @@ fn foreign_backend() -> Option<Vec<String>> {
     }
 }
 
-/// This build's serve, or `$VHDX_SERVE_BIN`'s (to judge another build with the same tests).
-fn our_backend() -> Vec<String> {
-    vec![s(&serve_bin()).to_owned(), "serve".to_owned()]
-}
-
-/// [`our_backend`] on the thread pool (`--aio threads`), for the tests that time a kill or a
-/// reset by the bytes the backend moved ([`bytes_moved`], /proc/PID/io): io_uring's transfers
-/// do not show there (the kernel counts rchar/wchar in the read/write system calls only), so
-/// on io_uring, the default, those stops would never come.
-fn our_backend_counted() -> Vec<String> {
-    let mut command = our_backend();
-    command.extend(["--aio".to_owned(), "threads".to_owned()]);
-    command
-}
-
-/// Whether a test that would run our serve is skipped (`VHDX_GUEST_SKIP_SERVE=1`); says so.
-fn skip_our_serve(test: &str) -> bool {
-    let skip = matches!(std::env::var("VHDX_GUEST_SKIP_SERVE").as_deref(), Ok(v) if !v.is_empty() && v != "0");
-    if skip {
-        eprintln!("guest: {test}: SKIPPED (it runs `vhost-user-vhdx serve`; VHDX_GUEST_SKIP_SERVE is set)");
-    }
-    skip
-}
-
 /// Starts the backend serving `image` on `socket` with `queues` queues and returns once it
 /// listens: `$VHDX_GUEST_BACKEND` if set, else `vhost-user-vhdx serve`. Its stdout and stderr go
 /// to `<socket>.log`.
-pub fn start_backend(image: &Path, socket: &Path, queues: u16) -> Child {
+fn start_backend(image: &Path, socket: &Path, queues: u16) -> Backend {
     let command = foreign_backend().unwrap_or_else(our_backend);
-    spawn_backend(&command, image, socket, queues)
-}
-
-fn spawn_backend(command: &[String], image: &Path, socket: &Path, queues: u16) -> Child {
-    let log_path = log_of(socket);
-    let log = File::create(&log_path)
-        .unwrap_or_else(|e| panic!("cannot create {}: {e}", log_path.display()));
-    let mut cmd = Command::new(&command[0]);
-    cmd.args(&command[1..])
-        .arg("--socket-path")
-        .arg(socket)
-        .arg("--num-queues")
-        .arg(queues.to_string())
-        .arg(image)
-        .stdin(Stdio::null())
-        .stdout(log.try_clone().expect("dup the log file"))
-        .stderr(log);
-    if std::env::var_os("RUST_LOG").is_none() {
-        cmd.env("RUST_LOG", "info");
-    }
-    let mut child = cmd
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot start the backend {command:?}: {e}"));
-    // Wait until it listens. Connecting to find out could use up a backend's one connection,
-    // so look for the socket in /proc/net/unix in the listening state (__SO_ACCEPTCON).
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Some(status) = child.try_wait().expect("wait for the backend") {
-            panic!(
-                "the backend {command:?} exited with {status} before listening on {}\n--- its log ---\n{}",
-                socket.display(),
-                read_log(socket)
-            );
-        }
-        if is_listening(socket) {
-            return child;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!(
-                "the backend {command:?} did not listen on {} within 30 s\n--- its log ---\n{}",
-                socket.display(),
-                read_log(socket)
-            );
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-fn is_listening(socket: &Path) -> bool {
-    let table = fs::read_to_string("/proc/net/unix").unwrap_or_default();
-    table.lines().skip(1).any(|line| {
-        let fields: Vec<&str> = line.split_whitespace().collect();
-        fields.len() >= 8
-            && Path::new(fields[7]) == socket
-            && u32::from_str_radix(fields[3], 16).is_ok_and(|flags| flags & 0x10000 != 0)
-    })
-}
-
-fn log_of(socket: &Path) -> PathBuf {
-    let mut p = socket.as_os_str().to_owned();
-    p.push(".log");
-    PathBuf::from(p)
-}
-
-fn read_log(socket: &Path) -> String {
-    fs::read_to_string(log_of(socket)).unwrap_or_else(|e| format!("(no log: {e})"))
-}
-
-/// A running backend; killed if the test fails before [`Backend::stop`].
-struct Backend {
-    child: Option<Child>,
-    socket: PathBuf,
-}
-
-impl Backend {
-    fn start(image: &Path, socket: &Path, queues: u16) -> Backend {
-        Backend {
-            child: Some(start_backend(image, socket, queues)),
-            socket: socket.to_owned(),
-        }
-    }
-
-    fn start_ours(image: &Path, socket: &Path, queues: u16) -> Backend {
-        Backend {
-            child: Some(spawn_backend(&our_backend(), image, socket, queues)),
-            socket: socket.to_owned(),
-        }
-    }
-
-    /// [`Backend::start_ours`] with [`our_backend_counted`].
-    fn start_ours_counted(image: &Path, socket: &Path, queues: u16) -> Backend {
-        Backend {
-            child: Some(spawn_backend(&our_backend_counted(), image, socket, queues)),
-            socket: socket.to_owned(),
-        }
-    }
-
-    fn log(&self) -> String {
-        read_log(&self.socket)
-    }
-
-    /// SIGTERM, then the backend must close the image and exit 0 within 60 s.
-    fn stop(mut self) {
-        let mut child = self.child.take().expect("running");
-        let pid = child.id().to_string();
-        let killed = Command::new("kill").args(["-TERM", &pid]).status();
-        assert!(
-            matches!(killed, Ok(st) if st.success()),
-            "kill -TERM {pid} failed: {killed:?}"
-        );
-        let status = wait_or_kill(&mut child, Duration::from_secs(60)).unwrap_or_else(|| {
-            panic!(
-                "the backend did not exit within 60 s of SIGTERM\n--- its log ---\n{}",
-                self.log()
-            )
-        });
-        assert!(
-            status.success(),
-            "the backend exited with {status} after SIGTERM\n--- its log ---\n{}",
-            self.log()
-        );
-    }
-}
-
-impl Drop for Backend {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
+    Backend::spawn(&command, image, socket, Some(queues))
 }
 
 // ------------------------------------------------------------------------------------- guest
-
-fn guest_dir() -> PathBuf {
-    repo_root().join("tests/guest")
-}
 
 /// A test's turn with the guest, held from its set-up to its last check: one guest at a time,
 /// since two TCG guests on a 2-core machine would each take twice as long and risk their
@@ -261,13 +107,48 @@ impl Turn {
     }
 }
 
+/// What every test starts with: its [`Turn`], a temporary directory and the usual paths in it
+/// (`disk.vhdx`, the backend's `vhost.sock`, `disk.raw` for the image converted). A test
+/// destructures it and keeps `dir` bound to the end (`dir: _dir`): dropping it removes the
+/// directory.
+struct GuestCase {
+    turn: Turn,
+    dir: tempfile::TempDir,
+    image: PathBuf,
+    socket: PathBuf,
+    raw: PathBuf,
+}
+
+impl GuestCase {
+    /// In a new temporary directory whose name starts with `prefix`.
+    fn new(prefix: &str) -> GuestCase {
+        GuestCase::in_dir(tempdir(prefix))
+    }
+
+    fn in_dir(dir: tempfile::TempDir) -> GuestCase {
+        let turn = Turn::take();
+        let at = |name: &str| dir.path().join(name);
+        GuestCase {
+            turn,
+            image: at("disk.vhdx"),
+            socket: at("vhost.sock"),
+            raw: at("disk.raw"),
+            dir,
+        }
+    }
+}
+
 /// Runs `guest` (a [`guest_run`]) while `beside` (a pauser, a killer) runs on a thread of its
-/// own, told by its flag once the guest has finished; returns the guest's result, its panic
-/// caught so that `beside` is always joined, and what `beside` returned.
+/// own, told by its flag once the guest has finished; returns the guest's stdout and what
+/// `beside` returned. Either one's panic is caught, so that `beside` is always joined, and
+/// reported with the other's outcome and `logs()`: a failing harness thread never hides what
+/// the guest saw, nor the other way round.
 fn run_beside<T: Send + 'static>(
+    test: &str,
     beside: impl FnOnce(Arc<AtomicBool>) -> T + Send + 'static,
     guest: impl FnOnce() -> String,
-) -> (std::thread::Result<String>, T) {
+    logs: impl FnOnce() -> String,
+) -> (String, T) {
     let done = Arc::new(AtomicBool::new(false));
     let thread = {
         let done = done.clone();
@@ -275,73 +156,59 @@ fn run_beside<T: Send + 'static>(
     };
     let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(guest));
     done.store(true, Ordering::SeqCst);
-    (out, thread.join().unwrap())
+    match (out, thread.join()) {
+        (Ok(out), Ok(b)) => (out, b),
+        (out, b) => {
+            let mut msg = String::new();
+            if let Err(e) = &b {
+                msg += &format!(
+                    "{test}: the harness thread beside the guest panicked: {}\n",
+                    panic_message(e.as_ref())
+                );
+            }
+            match &out {
+                Err(e) => msg += &panic_message(e.as_ref()),
+                Ok(stdout) => msg += &format!("--- the guest's stdout ---\n{stdout}"),
+            }
+            panic!("{msg}\n{}", logs());
+        }
+    }
 }
 
-/// Runs `guest-run --socket SOCK... --queues N OPTS... SCRIPT ARGS...` and returns the script's
-/// stdout; panics with everything (guest stdout and stderr, console tail, backend logs) unless
-/// the script exits 0.
+/// Runs `guest-run --socket SOCK... --queues N --timeout T OPTS... SCRIPT ARGS...` (T:
+/// `timeout_secs` scaled) and returns the script's stdout; panics with everything (guest stdout
+/// and stderr, console tail, backend logs) unless the script exits 0.
 fn guest_run(
     test: &str,
+    timeout_secs: u32,
     backends: &[&Backend],
     queues: u16,
     opts: &[&str],
     script: &str,
     args: &[String],
 ) -> String {
-    let mut cmd = Command::new(guest_dir().join("guest-run"));
-    for b in backends {
-        cmd.arg("--socket").arg(&b.socket);
-    }
-    cmd.args(["--queues", &queues.to_string()])
-        .args(["--timeout", &GUEST_TIMEOUT_SECS.to_string()])
-        .args(opts);
-    if matches!(std::env::var("VHDX_GUEST_VERBOSE").as_deref(), Ok(v) if !v.is_empty() && v != "0")
-    {
-        cmd.arg("-v");
-    }
-    cmd.arg(guest_dir().join(script)).args(args);
-    let started = Instant::now();
-    let out: Output = cmd
-        .stdin(Stdio::null())
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run tests/guest/guest-run: {e}"));
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    let summary = stderr
-        .lines()
-        .rfind(|l| l.starts_with("guest-run: accel="))
-        .unwrap_or("");
-    eprintln!(
-        "guest: {test}: guest-run {script} {:.1} s ({summary})",
-        started.elapsed().as_secs_f64()
+    let out = run_guest(
+        test,
+        backends,
+        Some(queues),
+        timeout_secs,
+        opts,
+        script,
+        args,
     );
     if !out.status.success() {
-        let logs: Vec<String> = backends
-            .iter()
-            .map(|b| format!("--- backend log ({}) ---\n{}", b.socket.display(), b.log()))
-            .collect();
         panic!(
-            "{test}: guest-run {script} {args:?} exited with {} (124: timeout, 125: boot or \
-             harness failure)\n--- guest stdout ---\n{stdout}--- guest-run stderr ---\n{stderr}{}",
-            out.status,
-            logs.join("\n")
+            "{test}: {}",
+            out.failure(&format!("guest-run {script} {args:?}"), backends)
         );
     }
-    stdout
+    out.stdout
 }
 
 /// The rest of the first stdout line that starts with `key ` (e.g. "TRIMMED 123" -> "123").
 fn value<'a>(out: &'a str, key: &str) -> Option<&'a str> {
     out.lines()
         .find_map(|l| l.strip_prefix(key).and_then(|r| r.strip_prefix(' ')))
-}
-
-fn assert_line(out: &str, line: &str) {
-    assert!(
-        out.lines().any(|l| l == line),
-        "the guest did not print {line:?}; its stdout:\n{out}"
-    );
 }
 
 /// Every queue of a `queues`-queue disk completed requests during the script ("QUEUE q IRQS n").
@@ -362,17 +229,6 @@ fn random_bytes(seed: u64, len: u64) -> Vec<u8> {
     let mut buf = vec![0u8; len as usize];
     rand::rngs::StdRng::seed_from_u64(seed).fill_bytes(&mut buf);
     buf
-}
-
-/// A host tool that may live in /usr/sbin or /sbin, outside a normal user's PATH.
-fn sbin(name: &str) -> PathBuf {
-    for dir in ["/usr/sbin", "/sbin"] {
-        let p = Path::new(dir).join(name);
-        if p.exists() {
-            return p;
-        }
-    }
-    PathBuf::from(name)
 }
 
 fn sha256(path: &Path) -> String {
@@ -436,22 +292,22 @@ fn pattern_two_queues_cache_none() {
 /// pattern.sh in a guest: two 8 MiB patterns written and read back through `/dev/vda`, then
 /// judged on the host. `command`: the backend (default: [`start_backend`]'s).
 fn pattern(test: &str, dir: tempfile::TempDir, command: Option<Vec<String>>) {
-    let turn = Turn::take();
-    let image = dir.path().join("disk.vhdx");
-    let socket = dir.path().join("vhost.sock");
+    let GuestCase {
+        turn,
+        dir,
+        image,
+        socket,
+        raw,
+    } = GuestCase::in_dir(dir);
     let pattern = dir.path().join("pattern.bin");
-    let raw = dir.path().join("disk.raw");
     let size = 256 * MIB;
     let offsets = [30 * MIB, 200 * MIB - 12 * 1024];
     fs::write(&pattern, random_bytes(1, 8 * MIB)).unwrap();
     ours_ok(&["create", "-q", s(&image), "256M"]);
 
     let backend = match &command {
-        Some(c) => Backend {
-            child: Some(spawn_backend(c, &image, &socket, 2)),
-            socket: socket.clone(),
-        },
-        None => Backend::start(&image, &socket, 2),
+        Some(c) => Backend::spawn(c, &image, &socket, Some(2)),
+        None => start_backend(&image, &socket, 2),
     };
     if command.is_some() {
         let log = backend.log();
@@ -464,6 +320,7 @@ fn pattern(test: &str, dir: tempfile::TempDir, command: Option<Vec<String>>) {
     args.extend(offsets.iter().map(u64::to_string));
     let out = guest_run(
         test,
+        GUEST_TIMEOUT_SECS,
         &[&backend],
         2,
         &["--no-fio", "--file", s(&pattern)],
@@ -500,11 +357,13 @@ fn filesystem_copy_and_fstrim() {
     if ours_serves && skip_our_serve(test) {
         return;
     }
-    let turn = Turn::take();
-    let dir = tempdir("guest-fs-");
-    let image = dir.path().join("disk.vhdx");
-    let socket = dir.path().join("vhost.sock");
-    let raw = dir.path().join("disk.raw");
+    let GuestCase {
+        turn,
+        dir,
+        image,
+        socket,
+        raw,
+    } = GuestCase::new("guest-fs-");
     let files = dir.path().join("files");
     let bulk = dir.path().join("bulk.bin");
     let bulk_copies = 12u64; // 12 x 4 MiB
@@ -523,10 +382,11 @@ fn filesystem_copy_and_fstrim() {
     fs::write(&bulk, &bulk_data).unwrap();
     qemu_img_create_vhdx(&image, "256M", "block_size=1M");
 
-    let backend = Backend::start(&image, &socket, 1);
+    let backend = start_backend(&image, &socket, 1);
     let args = ["/dev/vda", "files", "bulk.bin", &bulk_copies.to_string()].map(String::from);
     let out = guest_run(
         test,
+        GUEST_TIMEOUT_SECS,
         &[&backend],
         1,
         &["--no-fio", "--file", s(&files), "--file", s(&bulk)],
@@ -611,19 +471,22 @@ fn fio_verify_two_queues() {
     if foreign_backend().is_none() && skip_our_serve(test) {
         return;
     }
-    let turn = Turn::take();
-    let dir = tempdir("guest-fio-");
-    let image = dir.path().join("disk.vhdx");
-    let socket = dir.path().join("vhost.sock");
-    let raw = dir.path().join("disk.raw");
+    let GuestCase {
+        turn,
+        dir,
+        image,
+        socket,
+        raw,
+    } = GuestCase::new("guest-fio-");
     let job = guest_dir().join("verify.fio");
     let region = 48 * MIB;
     ours_ok(&["create", "-q", s(&image), "128M"]);
 
-    let backend = Backend::start(&image, &socket, 2);
+    let backend = start_backend(&image, &socket, 2);
     let args = ["/dev/vda".to_owned(), region.to_string()];
     let out = guest_run(
         test,
+        GUEST_TIMEOUT_SECS,
         &[&backend],
         2,
         &["--file", s(&job)],
@@ -649,11 +512,11 @@ fn differencing_chain_depth_2() {
     if skip_our_serve(test) {
         return;
     }
-    let turn = Turn::take();
-    let dir = tempdir("guest-chain-");
+    let GuestCase {
+        turn, dir, socket, ..
+    } = GuestCase::new("guest-chain-");
     let base = dir.path().join("base.vhdx");
     let child = dir.path().join("child.vhdx");
-    let socket = dir.path().join("vhost.sock");
     let pattern = dir.path().join("pattern.bin");
     let raw = dir.path().join("chain.raw");
     let size = 64 * MIB;
@@ -666,11 +529,12 @@ fn differencing_chain_depth_2() {
     ours_ok(&["create", "-q", "-b", s(&base), s(&child)]);
     let base_sum = sha256(&base);
 
-    let backend = Backend::start_ours(&child, &socket, 2);
+    let backend = Backend::start_ours(&child, &socket, Some(2));
     let mut args = vec!["/dev/vda".to_owned(), "pattern.bin".to_owned()];
     args.extend(offsets.iter().map(u64::to_string));
     let out = guest_run(
         test,
+        GUEST_TIMEOUT_SECS,
         &[&backend],
         2,
         &["--no-fio", "--file", s(&pattern)],
@@ -722,22 +586,32 @@ fn discard_and_write_zeroes() {
     if ours_serves && skip_our_serve(test) {
         return;
     }
-    let turn = Turn::take();
-    let dir = tempdir("guest-discard-");
-    let image = dir.path().join("disk.vhdx");
-    let socket = dir.path().join("vhost.sock");
-    let raw = dir.path().join("disk.raw");
+    let GuestCase {
+        turn,
+        dir: _dir,
+        image,
+        socket,
+        raw,
+    } = GuestCase::new("guest-discard-");
     let size = 64 * MIB;
     let (fill, fill_len) = (4 * MIB, 8 * MIB);
     let (zero, zero_len) = (5 * MIB, MIB);
     let (disc, disc_len) = (8 * MIB, 2 * MIB);
     ours_ok(&["create", "-q", "-o", "block_size=1M", s(&image), "64M"]);
 
-    let backend = Backend::start(&image, &socket, 1);
+    let backend = start_backend(&image, &socket, 1);
     let args = [fill, fill_len, zero, zero_len, disc, disc_len].map(|v| v.to_string());
     let mut all = vec!["/dev/vda".to_owned()];
     all.extend(args);
-    let out = guest_run(test, &[&backend], 1, &["--no-fio"], "discard.sh", &all);
+    let out = guest_run(
+        test,
+        GUEST_TIMEOUT_SECS,
+        &[&backend],
+        1,
+        &["--no-fio"],
+        "discard.sh",
+        &all,
+    );
     backend.stop();
     assert_line(&out, "QUEUES 1");
     assert_line(&out, "ZEROES OK");
@@ -766,6 +640,11 @@ fn discard_and_write_zeroes() {
 }
 
 // ------------------------------------------------------------------------------------- lifecycle
+
+/// Locks `m`, also after a panic of another holder (whose message the test reports).
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
 
 /// A backend that a test restarts while the guest runs: every start logs to its own file
 /// (`<socket>.log.N`), so that [`RestartingBackend::logs`] shows all of them.
@@ -803,7 +682,7 @@ impl RestartingBackend {
             &our_backend_counted(),
             &self.image,
             &self.socket,
-            self.queues,
+            Some(self.queues),
         ));
     }
 
@@ -817,7 +696,7 @@ impl RestartingBackend {
             matches!(sent, Ok(st) if st.success()),
             "kill {signal} {pid}: {sent:?}"
         );
-        let status = wait_or_kill(&mut child, Duration::from_secs(10));
+        let status = wait_or_kill(&mut child, scaled(Duration::from_secs(10)));
         if signal == "-TERM" {
             assert!(
                 matches!(status, Some(st) if st.success()),
@@ -892,11 +771,13 @@ fn restarts_during_fio_verify(test: &str, signal: &'static str) {
     if skip_our_serve(test) {
         return;
     }
-    let turn = Turn::take();
-    let dir = tempdir("guest-restart-");
-    let image = dir.path().join("disk.vhdx");
-    let socket = dir.path().join("vhost.sock");
-    let raw = dir.path().join("disk.raw");
+    let GuestCase {
+        turn,
+        dir,
+        image,
+        socket,
+        raw,
+    } = GuestCase::new("guest-restart-");
     let job = guest_dir().join("verify.fio");
     let region = 48 * MIB;
     ours_ok(&["create", "-q", s(&image), "128M"]);
@@ -914,11 +795,11 @@ fn restarts_during_fio_verify(test: &str, signal: &'static str) {
             let mut threshold = (4 + rng.next_u64() % 21) * MIB;
             while kills < 3 && !done.load(Ordering::SeqCst) {
                 let moved = {
-                    let b = backend.lock().unwrap();
+                    let b = lock(&backend);
                     b.child.as_ref().map_or(0, |c| bytes_moved(c.id()))
                 };
                 if moved >= threshold {
-                    backend.lock().unwrap().kill_and_restart(signal);
+                    lock(&backend).kill_and_restart(signal);
                     kills += 1;
                     threshold = (4 + rng.next_u64() % 21) * MIB;
                 }
@@ -928,39 +809,41 @@ fn restarts_during_fio_verify(test: &str, signal: &'static str) {
         }
     };
     // guest_run only needs the socket path and a log for its failure message.
-    let view = Backend {
-        child: None,
-        socket: socket.clone(),
-    };
+    let view = Backend::view(&socket);
     let args = ["/dev/vda".to_owned(), region.to_string()];
     let job_script = guest_dir().join("fio-verify.sh");
-    let (result, kills) = run_beside(killer, || {
-        guest_run(
-            test,
-            &[&view],
-            2,
-            &[
-                "--file",
-                s(&job),
-                "--file",
-                s(&job_script),
-                "--reconnect-ms",
-                "200",
-                "--timeout",
-                "120",
-            ],
-            "restart-verify.sh",
-            &args,
-        )
-    });
-    let backend = Arc::try_unwrap(backend).ok().unwrap().into_inner().unwrap();
-    let out = result.unwrap_or_else(|e| {
-        panic!(
-            "{}\n{}",
-            e.downcast_ref::<String>().cloned().unwrap_or_default(),
-            backend.logs()
-        )
-    });
+    let logs = {
+        let backend = backend.clone();
+        move || lock(&backend).logs()
+    };
+    let (out, kills) = run_beside(
+        test,
+        killer,
+        || {
+            guest_run(
+                test,
+                120,
+                &[&view],
+                2,
+                &[
+                    "--file",
+                    s(&job),
+                    "--file",
+                    s(&job_script),
+                    "--reconnect-ms",
+                    "200",
+                ],
+                "restart-verify.sh",
+                &args,
+            )
+        },
+        logs,
+    );
+    let backend = Arc::try_unwrap(backend)
+        .ok()
+        .expect("the killer thread has ended")
+        .into_inner()
+        .unwrap_or_else(|e| e.into_inner());
     eprintln!("guest: {test}: {kills} kills during the guest's run");
     assert_eq!(kills, 3, "the guest finished before the third kill:\n{out}");
     backend.stop();
@@ -1025,10 +908,10 @@ impl Qmp {
             }
         };
         stream
-            .set_read_timeout(Some(Duration::from_secs(30)))
-            .unwrap();
+            .set_read_timeout(Some(scaled(Duration::from_secs(30))))
+            .ok()?;
         let mut q = Qmp {
-            reader: std::io::BufReader::new(stream.try_clone().unwrap()),
+            reader: std::io::BufReader::new(stream.try_clone().ok()?),
             writer: stream,
         };
         let mut greeting = String::new();
@@ -1067,25 +950,28 @@ fn qmp_stop_and_cont_during_large_reads() {
     if skip_our_serve(test) {
         return;
     }
-    let turn = Turn::take();
-    let dir = tempdir("guest-stopcont-");
-    let image = dir.path().join("disk.vhdx");
-    let socket = dir.path().join("vhost.sock");
+    let GuestCase {
+        turn,
+        dir,
+        image,
+        socket,
+        ..
+    } = GuestCase::new("guest-stopcont-");
     let qmp_path = dir.path().join("qmp.sock");
     ours_ok(&["create", "-q", s(&image), "128M"]);
-    let backend = Backend::start_ours(&image, &socket, 1);
+    let backend = Backend::start_ours(&image, &socket, Some(1));
 
     let seed = rand::random::<u64>();
     eprintln!("guest: {test}: stop/cont times from seed {seed}");
     let pauser = {
         let qmp_path = qmp_path.clone();
         move |done: Arc<AtomicBool>| {
-            let Some(mut qmp) = Qmp::connect(&qmp_path, Duration::from_secs(60)) else {
+            let Some(mut qmp) = Qmp::connect(&qmp_path, scaled(Duration::from_secs(60))) else {
                 return 0;
             };
             let mut cycles = 0;
             let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-            std::thread::sleep(Duration::from_secs(4));
+            std::thread::sleep(scaled(Duration::from_secs(4)));
             // Forty cycles at random moments, then the guest runs on: a guest that hangs
             // after them lost a completion or an interrupt.
             while cycles < 40 && !done.load(Ordering::SeqCst) {
@@ -1103,17 +989,22 @@ fn qmp_stop_and_cont_during_large_reads() {
         }
     };
     let args = ["/dev/vda".to_owned(), "20".to_owned()];
-    let (out, cycles) = run_beside(pauser, || {
-        guest_run(
-            test,
-            &[&backend],
-            1,
-            &["--no-fio", "--qmp", s(&qmp_path), "--timeout", "120"],
-            "stop-cont.sh",
-            &args,
-        )
-    });
-    let out = out.unwrap_or_else(|e| std::panic::resume_unwind(e));
+    let (out, cycles) = run_beside(
+        test,
+        pauser,
+        || {
+            guest_run(
+                test,
+                120,
+                &[&backend],
+                1,
+                &["--no-fio", "--qmp", s(&qmp_path)],
+                "stop-cont.sh",
+                &args,
+            )
+        },
+        || backend.log(),
+    );
     eprintln!("guest: {test}: {cycles} stop/cont cycles");
     assert!(cycles >= 3, "only {cycles} stop/cont cycles ran:\n{out}");
     backend.stop();
@@ -1132,20 +1023,23 @@ fn qmp_system_reset_during_large_reads() {
     if skip_our_serve(test) {
         return;
     }
-    let turn = Turn::take();
-    let dir = tempdir("guest-reset-");
-    let image = dir.path().join("disk.vhdx");
-    let socket = dir.path().join("vhost.sock");
+    let GuestCase {
+        turn,
+        dir,
+        image,
+        socket,
+        ..
+    } = GuestCase::new("guest-reset-");
     let qmp_path = dir.path().join("qmp.sock");
     ours_ok(&["create", "-q", s(&image), "128M"]);
     // The reset is timed by the bytes it moved: see `our_backend_counted`.
-    let backend = Backend::start_ours_counted(&image, &socket, 1);
+    let backend = Backend::start_ours_counted(&image, &socket, Some(1));
     let pid = backend.child.as_ref().unwrap().id();
 
     let resetter = {
         let qmp_path = qmp_path.clone();
         move |done: Arc<AtomicBool>| {
-            let mut qmp = Qmp::connect(&qmp_path, Duration::from_secs(60))?;
+            let mut qmp = Qmp::connect(&qmp_path, scaled(Duration::from_secs(60)))?;
             // Reset once the first boot's read loop has moved 96 MiB through the backend.
             let start = bytes_moved(pid);
             while bytes_moved(pid) < start + 96 * MIB {
@@ -1158,24 +1052,22 @@ fn qmp_system_reset_during_large_reads() {
         }
     };
     let args = ["/dev/vda".to_owned()];
-    let (out, reset) = run_beside(resetter, || {
-        guest_run(
-            test,
-            &[&backend],
-            1,
-            &[
-                "--no-fio",
-                "--reboot",
-                "--qmp",
-                s(&qmp_path),
-                "--timeout",
-                "150",
-            ],
-            "reset.sh",
-            &args,
-        )
-    });
-    let out = out.unwrap_or_else(|e| std::panic::resume_unwind(e));
+    let (out, reset) = run_beside(
+        test,
+        resetter,
+        || {
+            guest_run(
+                test,
+                150,
+                &[&backend],
+                1,
+                &["--no-fio", "--reboot", "--qmp", s(&qmp_path)],
+                "reset.sh",
+                &args,
+            )
+        },
+        || backend.log(),
+    );
     assert!(reset.is_some(), "the VM was not reset:\n{out}");
     backend.stop();
     assert_line(&out, "RESET OK");

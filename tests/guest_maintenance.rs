@@ -15,114 +15,23 @@
 //!
 //! The guest has no e2fsprogs (busybox only), so the file system is checked on the host, on the
 //! image converted to raw. Needs what tests/guest.rs needs (see its module doc and
-//! `contrib/setup-test-deps.sh`); `VHDX_GUEST_SKIP_SERVE=1` skips it as it skips those.
+//! `contrib/setup-test-deps.sh`); `VHDX_GUEST_SKIP_SERVE=1` skips it as it skips those, and
+//! `VHDX_GUEST_TIME_SCALE` multiplies its deadlines as it does theirs (tests/common/guest.rs).
 
 mod common;
 
-use std::fs::{self, File};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::fs;
+use std::path::Path;
+use std::process::Command;
+use std::time::Instant;
 
+use common::guest::*;
 use common::*;
 use rand::{RngCore, SeedableRng};
 
 const MIB: u64 = 1 << 20;
 /// guest-run's own timeout; a boot and a script take well under a minute.
 const GUEST_TIMEOUT_SECS: u32 = 240;
-
-// ------------------------------------------------------------------------------------- backend
-
-/// Our `serve` on a socket; killed if the test fails before [`Backend::stop`].
-struct Backend {
-    child: Option<Child>,
-    log: PathBuf,
-}
-
-impl Backend {
-    /// Starts `vhost-user-vhdx serve --socket-path SOCK IMAGE` and returns once it listens.
-    fn start(image: &Path, socket: &Path) -> Backend {
-        let log = socket.with_extension("log");
-        let out = File::create(&log).expect("create the backend log");
-        let mut cmd = Command::new(serve_bin());
-        cmd.arg("serve")
-            .arg("--socket-path")
-            .arg(socket)
-            .arg(image)
-            .stdin(Stdio::null())
-            .stdout(out.try_clone().expect("dup the log file"))
-            .stderr(out);
-        if std::env::var_os("RUST_LOG").is_none() {
-            cmd.env("RUST_LOG", "info");
-        }
-        let child = cmd.spawn().expect("start vhost-user-vhdx serve");
-        let mut backend = Backend {
-            child: Some(child),
-            log,
-        };
-        // Connecting to find out would use up the backend's one connection: look for the
-        // socket in /proc/net/unix in the listening state (__SO_ACCEPTCON).
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while !is_listening(socket) {
-            let child = backend.child.as_mut().expect("running");
-            if let Some(status) = child.try_wait().expect("wait for serve") {
-                panic!(
-                    "serve exited with {status} before listening\n--- its log ---\n{}",
-                    backend.log_text()
-                );
-            }
-            assert!(
-                Instant::now() < deadline,
-                "serve did not listen on {} within 30 s\n--- its log ---\n{}",
-                socket.display(),
-                backend.log_text()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        backend
-    }
-
-    fn log_text(&self) -> String {
-        fs::read_to_string(&self.log).unwrap_or_else(|e| format!("(no log: {e})"))
-    }
-
-    /// SIGTERM; serve must close the image and exit 0 within 60 s.
-    fn stop(mut self) {
-        let mut child = self.child.take().expect("running");
-        let pid = child.id().to_string();
-        run_ok(Path::new("kill"), &["-TERM", &pid]);
-        let status = wait_or_kill(&mut child, Duration::from_secs(60)).unwrap_or_else(|| {
-            panic!(
-                "serve did not exit within 60 s of SIGTERM\n--- its log ---\n{}",
-                self.log_text()
-            )
-        });
-        assert!(
-            status.success(),
-            "serve exited with {status} after SIGTERM\n--- its log ---\n{}",
-            self.log_text()
-        );
-    }
-}
-
-impl Drop for Backend {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-fn is_listening(socket: &Path) -> bool {
-    let table = fs::read_to_string("/proc/net/unix").unwrap_or_default();
-    table.lines().skip(1).any(|line| {
-        let fields: Vec<&str> = line.split_whitespace().collect();
-        fields.len() >= 8
-            && Path::new(fields[7]) == socket
-            && u32::from_str_radix(fields[3], 16).is_ok_and(|flags| flags & 0x10000 != 0)
-    })
-}
 
 // ------------------------------------------------------------------------------------- guest
 
@@ -133,49 +42,29 @@ fn is_listening(socket: &Path) -> bool {
 fn boot(test: &str, dir: &Path, image: &Path, files: &[&Path], steps: &[&str]) -> String {
     let socket = dir.join("vhost.sock");
     let _ = fs::remove_file(&socket);
-    let backend = Backend::start(image, &socket);
-    let guest_dir = repo_root().join("tests/guest");
-    let mut cmd = Command::new(guest_dir.join("guest-run"));
-    cmd.arg("--socket").arg(&socket).args([
-        "--timeout",
-        &GUEST_TIMEOUT_SECS.to_string(),
-        "--no-fio",
-    ]);
+    let backend = Backend::start_ours(image, &socket, None);
+    let mut opts = vec!["--no-fio"];
     for f in files {
-        cmd.arg("--file").arg(f);
+        opts.extend(["--file", s(f)]);
     }
-    if matches!(std::env::var("VHDX_GUEST_VERBOSE").as_deref(), Ok(v) if !v.is_empty() && v != "0")
-    {
-        cmd.arg("-v");
-    }
-    cmd.arg(guest_dir.join("maint.sh"))
-        .arg("/dev/vda")
-        .args(steps);
-    let started = Instant::now();
-    let out: Output = cmd
-        .stdin(Stdio::null())
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run tests/guest/guest-run: {e}"));
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    let summary = stderr
-        .lines()
-        .rfind(|l| l.starts_with("guest-run: accel="))
-        .unwrap_or("");
-    eprintln!(
-        "guest: {test}: maint.sh {steps:?} {:.1} s ({summary})",
-        started.elapsed().as_secs_f64()
+    let mut args = vec!["/dev/vda".to_owned()];
+    args.extend(steps.iter().map(|s| s.to_string()));
+    let out = run_guest(
+        test,
+        &[&backend],
+        None,
+        GUEST_TIMEOUT_SECS,
+        &opts,
+        "maint.sh",
+        &args,
     );
     assert!(
-        out.status.success() && stdout.lines().any(|l| l == "MAINT OK"),
-        "{test}: guest-run maint.sh {steps:?} exited with {} (124: timeout, 125: boot or harness \
-         failure)\n--- guest stdout ---\n{stdout}--- guest-run stderr ---\n{stderr}--- serve log \
-         ---\n{}",
-        out.status,
-        backend.log_text()
+        out.status.success() && out.stdout.lines().any(|l| l == "MAINT OK"),
+        "{test}: {}",
+        out.failure(&format!("guest-run maint.sh {steps:?}"), &[&backend])
     );
     backend.stop();
-    stdout
+    out.stdout
 }
 
 /// The number after `key ` on the first stdout line that starts so (e.g. "TRIMMED 123").
@@ -184,13 +73,6 @@ fn number(out: &str, key: &str) -> u64 {
         .find_map(|l| l.strip_prefix(key).and_then(|r| r.strip_prefix(' ')))
         .and_then(|v| v.trim().parse().ok())
         .unwrap_or_else(|| panic!("no '{key} N' line in the guest's stdout:\n{out}"))
-}
-
-fn assert_line(out: &str, line: &str) {
-    assert!(
-        out.lines().any(|l| l == line),
-        "the guest did not print {line:?}; its stdout:\n{out}"
-    );
 }
 
 // ------------------------------------------------------------------------------------- host side
@@ -220,15 +102,6 @@ fn make_files(root: &Path, top: &str, seed: u64, files: &[(&str, u64)]) -> Vec<S
 fn write_sums(path: &Path, sums: &[&[String]]) {
     let text: String = sums.concat().iter().map(|l| format!("{l}\n")).collect();
     fs::write(path, text).unwrap();
-}
-
-/// A host tool that may live in /usr/sbin or /sbin, outside a normal user's PATH.
-fn sbin(name: &str) -> PathBuf {
-    ["/usr/sbin", "/sbin"]
-        .iter()
-        .map(|d| Path::new(d).join(name))
-        .find(|p| p.exists())
-        .unwrap_or_else(|| PathBuf::from(name))
 }
 
 /// The host's judgement of a plain (non-differencing) image after an operation: qemu-img check
@@ -266,9 +139,7 @@ fn assert_same(a: &Path, fa: &str, b: &Path, fb: &str, what: &str) {
 #[test]
 fn rebase_commit_resize_compact_then_the_guest_mounts() {
     let test = "guest_maintenance";
-    if matches!(std::env::var("VHDX_GUEST_SKIP_SERVE").as_deref(), Ok(v) if !v.is_empty() && v != "0")
-    {
-        eprintln!("guest: {test}: SKIPPED (it runs `vhost-user-vhdx serve`; VHDX_GUEST_SKIP_SERVE is set)");
+    if skip_our_serve(test) {
         return;
     }
     let t = Instant::now();

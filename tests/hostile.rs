@@ -2023,6 +2023,73 @@ fn read_only_replay_matches_the_real_replay_when_the_log_extends_the_file() {
 }
 
 #[test]
+fn check_replays_the_log_of_a_differencing_child_and_leaves_its_parent_alone() {
+    // Replaying needs the child writable; its parent is opened read-only beside it (the check
+    // once reopened the child for the chain and ran into its own write lock).
+    let d = dir();
+    let (parent, child) = ours_chain(d.path());
+    let mut r = Raw::load(&child);
+    assert_eq!(r.len() % MIB, 0);
+    put_log_entry_growing_the_file(&mut r, vec![]);
+    r.save();
+    let parent_before = std::fs::read(&parent).unwrap();
+    let child_before = std::fs::read(&child).unwrap();
+    for repair in [Repair::None, Repair::Leaks] {
+        let report = check(&child, repair, &[]);
+        assert_eq!(report.check_errors, 0, "{repair:?}: {report:?}");
+        assert!(
+            report.corruptions.len() == 1 && report.corruptions[0].contains("-r all"),
+            "{repair:?}: the unapplied log is the one finding: {report:?}"
+        );
+        assert!(
+            std::fs::read(&child).unwrap() == child_before,
+            "{repair:?} changed a child whose log it must not replay"
+        );
+    }
+    let report = check(&child, Repair::All, &[]);
+    assert_eq!(report.check_errors, 0, "{report:?}");
+    assert!(report.corruptions.is_empty(), "{report:?}");
+    assert_eq!(report.corruptions_fixed, 1, "{report:?}");
+    assert!(
+        std::fs::read(&parent).unwrap() == parent_before,
+        "check -r all of the child changed its parent"
+    );
+    assert_eq!(open(&child).unwrap().log_state, LogState::Clean);
+    let chain = open_chain(&child, &ChainOptions::default()).unwrap();
+    let mut buf = vec![0u8; 8192];
+    chain.read_at(&mut buf, 0).unwrap();
+    assert!(buf[..4096].iter().all(|&b| b == 0xab), "the replayed page");
+    assert!(buf[4096..].iter().all(|&b| b == 0));
+}
+
+#[test]
+fn check_of_a_child_reports_but_never_replays_its_parents_log() {
+    let d = dir();
+    let (parent, child) = ours_chain(d.path());
+    let mut r = Raw::load(&parent);
+    assert_eq!(r.len() % MIB, 0);
+    put_log_entry_growing_the_file(&mut r, vec![]);
+    r.save();
+    let parent_before = std::fs::read(&parent).unwrap();
+    for repair in [Repair::None, Repair::Leaks, Repair::All] {
+        let report = check(&child, repair, &[]);
+        assert_eq!(report.check_errors, 0, "{repair:?}: {report:?}");
+        assert!(report.corruptions.is_empty(), "{repair:?}: {report:?}");
+        assert!(
+            report
+                .notes
+                .iter()
+                .any(|n| n.contains("parent.vhdx has a log that was never applied")),
+            "{repair:?}: {report:?}"
+        );
+        assert!(
+            std::fs::read(&parent).unwrap() == parent_before,
+            "{repair:?} of the child changed its parent"
+        );
+    }
+}
+
+#[test]
 fn real_replay_zeroes_what_an_earlier_change_wrote_past_the_end_of_the_file() {
     // One entry writes a page past the end of the file, then zeroes it: both replays must end
     // with zeros there.

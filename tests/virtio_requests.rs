@@ -4,8 +4,8 @@
 //! written). After every hostile case the device must still serve a valid read.
 //!
 //! Most cases call [`BlockDevice::execute`] with hand-made descriptor lists over real guest
-//! memory; the `queue_*` cases go through a real split virtqueue (virtio-queue's
-//! `MockSplitQueue` as the driver, the device's own [`Queue`] and `process_queue`), including
+//! memory; the `queue_*` cases go through a real split virtqueue (a [`SplitRing`] laid out in
+//! guest memory as the driver, the device's own [`Queue`] and `process_queue`), including
 //! indirect tables, descriptor loops and bogus ring indices. The config space, the feature bits
 //! and `set_config` are checked through `BlockDevice`.
 
@@ -30,10 +30,7 @@ use virtio_bindings::virtio_ring::{
     VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC, VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT,
     VRING_DESC_F_WRITE,
 };
-use virtio_queue::desc::split::Descriptor as SplitDescriptor;
-use virtio_queue::desc::RawDescriptor;
-use virtio_queue::mock::MockSplitQueue;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
 
 const OK: u8 = 0;
 const IOERR: u8 = 1;
@@ -47,7 +44,7 @@ const GIB: u64 = 1024 * MIB;
 
 /// Guest memory: 16 MiB from 0.
 const MEM_SIZE: u64 = 16 * MIB;
-/// The split queue (MockSplitQueue at 0, 256 entries) ends before 0x2000.
+/// The split queue (a [`SplitRing`] at 0, 256 entries) ends before 0x2000.
 const QUEUE_SIZE: u16 = 256;
 /// Indirect descriptor tables.
 const INDIRECT: u64 = 0x4000;
@@ -1714,11 +1711,99 @@ fn features_offered() {
 // ---------------------------------------------------------------------------------------------
 // Through a real split virtqueue.
 
-/// The guest's side of one split queue (MockSplitQueue at 0) and the device's side
+/// The driver's side of a split virtqueue in guest memory (virtio 1.2 §2.7), as a guest's
+/// driver lays it out: the descriptor table at `base`, the available ring right after it, the
+/// used ring after that at 4-byte alignment. Written and read with plain little-endian stores,
+/// so that the device's ring code is judged by an independent picture of the layout.
+struct SplitRing<'a> {
+    mem: &'a GuestMemoryMmap,
+    base: u64,
+    size: u16,
+}
+
+impl<'a> SplitRing<'a> {
+    /// A ring of `size` entries at `base`, its indexes and flags zero.
+    fn new(mem: &'a GuestMemoryMmap, base: u64, size: u16) -> SplitRing<'a> {
+        let r = SplitRing { mem, base, size };
+        let end = r.used_addr().0 + 6 + 8 * u64::from(size);
+        mem.write_slice(&vec![0u8; (end - base) as usize], GuestAddress(base))
+            .unwrap();
+        r
+    }
+
+    fn desc_table_addr(&self) -> GuestAddress {
+        GuestAddress(self.base)
+    }
+
+    fn avail_addr(&self) -> GuestAddress {
+        GuestAddress(self.base + 16 * u64::from(self.size))
+    }
+
+    fn used_addr(&self) -> GuestAddress {
+        GuestAddress((self.avail_addr().0 + 6 + 2 * u64::from(self.size)).next_multiple_of(4))
+    }
+
+    fn store_desc(&self, index: u16, addr: u64, len: u32, flags: u16, next: u16) {
+        write_desc(
+            self.mem,
+            self.base + 16 * u64::from(index),
+            (addr, len, flags, next),
+        );
+    }
+
+    fn avail_idx(&self) -> u16 {
+        self.mem
+            .read_obj(self.avail_addr().unchecked_add(2))
+            .unwrap()
+    }
+
+    fn set_avail_idx(&self, idx: u16) {
+        self.mem
+            .write_obj(idx, self.avail_addr().unchecked_add(2))
+            .unwrap();
+    }
+
+    /// Puts `head` into the available ring's entry `slot` (modulo the size).
+    fn set_avail_entry(&self, slot: u16, head: u16) {
+        let at = 4 + 2 * u64::from(slot % self.size);
+        self.mem
+            .write_obj(head, self.avail_addr().unchecked_add(at))
+            .unwrap();
+    }
+
+    fn used_idx(&self) -> u16 {
+        self.mem
+            .read_obj(self.used_addr().unchecked_add(2))
+            .unwrap()
+    }
+
+    /// The used ring's entry `slot` (modulo the size): (id, len).
+    fn used_entry(&self, slot: u16) -> (u32, u32) {
+        let at = self
+            .used_addr()
+            .unchecked_add(4 + 8 * u64::from(slot % self.size));
+        (
+            self.mem.read_obj(at).unwrap(),
+            self.mem.read_obj(at.unchecked_add(4)).unwrap(),
+        )
+    }
+}
+
+/// Writes a split descriptor (address, length, flags, next) at `gpa`.
+fn write_desc(mem: &GuestMemoryMmap, gpa: u64, (addr, len, flags, next): (u64, u32, u16, u16)) {
+    let mut raw = [0u8; 16];
+    raw[..8].copy_from_slice(&addr.to_le_bytes());
+    raw[8..12].copy_from_slice(&len.to_le_bytes());
+    raw[12..14].copy_from_slice(&flags.to_le_bytes());
+    raw[14..].copy_from_slice(&next.to_le_bytes());
+    mem.write_slice(&raw, GuestAddress(gpa)).unwrap();
+}
+
+/// The guest's side of one split queue (a [`SplitRing`] at 0) and the device's side
 /// (a Queue set up the way the vhost-user handler does).
 struct Rig<'a> {
     d: &'a Dev,
-    mock: MockSplitQueue<'a, GuestMemoryMmap>,
+    ring: SplitRing<'a>,
     vring: Arc<Queue>,
     next_desc: u16,
     /// Used entries already looked at.
@@ -1734,12 +1819,12 @@ const IND: u16 = VRING_DESC_F_INDIRECT as u16;
 
 impl<'a> Rig<'a> {
     fn new(d: &'a Dev) -> Rig<'a> {
-        let mock = MockSplitQueue::new(&d.mem, QUEUE_SIZE);
+        let ring = SplitRing::new(&d.mem, 0, QUEUE_SIZE);
         let vring = Arc::new(Queue::new(0, QUEUE_SIZE).unwrap());
-        Self::setup(&vring, &mock, &d.mem);
+        Self::setup(&vring, &ring, &d.mem);
         Rig {
             d,
-            mock,
+            ring,
             vring,
             next_desc: 0,
             seen: 0,
@@ -1747,14 +1832,14 @@ impl<'a> Rig<'a> {
     }
 
     /// What the vhost-user handler does for SET_VRING_NUM/ADDR/BASE, memory, KICK and ENABLE.
-    fn setup(q: &Queue, mock: &MockSplitQueue<'_, GuestMemoryMmap>, mem: &GuestMemoryMmap) {
+    fn setup(q: &Queue, ring: &SplitRing<'_>, mem: &GuestMemoryMmap) {
         let mut st = q.lock();
         st.ring.size = QUEUE_SIZE;
-        st.ring.desc = mock.desc_table_addr();
-        st.ring.avail = mock.avail_addr();
-        st.ring.used = mock.used_addr();
-        st.ring.set_next_avail(mock.avail().idx().load());
-        st.ring.set_next_used(mock.used().idx().load());
+        st.ring.desc = ring.desc_table_addr();
+        st.ring.avail = ring.avail_addr();
+        st.ring.used = ring.used_addr();
+        st.ring.set_next_avail(ring.avail_idx());
+        st.ring.set_next_used(ring.used_idx());
         st.reinit();
         st.addresses_set = true;
         st.set_mem(Arc::new(mem.clone()));
@@ -1765,28 +1850,17 @@ impl<'a> Rig<'a> {
     /// The VMM stops the ring (GET_VRING_BASE) and sets it up again.
     fn reinit(&mut self) {
         self.vring.stop(false);
-        Self::setup(&self.vring, &self.mock, &self.d.mem);
+        Self::setup(&self.vring, &self.ring, &self.d.mem);
     }
 
     fn store(&self, index: u16, addr: u64, len: u32, flags: u16, next: u16) {
-        self.mock
-            .desc_table()
-            .store(
-                index,
-                RawDescriptor::from(SplitDescriptor::new(addr, len, flags, next)),
-            )
-            .unwrap();
+        self.ring.store_desc(index, addr, len, flags, next);
     }
 
     fn publish(&self, head: u16) {
-        let idx = self.mock.avail().idx().load();
-        self.mock
-            .avail()
-            .ring()
-            .ref_at(usize::from(idx % QUEUE_SIZE))
-            .unwrap()
-            .store(head);
-        self.mock.avail().idx().store(idx.wrapping_add(1));
+        let idx = self.ring.avail_idx();
+        self.ring.set_avail_entry(idx, head);
+        self.ring.set_avail_idx(idx.wrapping_add(1));
     }
 
     fn alloc(&mut self, n: usize) -> Vec<u16> {
@@ -1822,11 +1896,7 @@ impl<'a> Rig<'a> {
             } else {
                 (flags, 0)
             };
-            let raw = RawDescriptor::from(SplitDescriptor::new(addr, len, flags, next));
-            self.d
-                .mem
-                .write_obj(raw, GuestAddress(table + 16 * k as u64))
-                .unwrap();
+            write_desc(&self.d.mem, table + 16 * k as u64, (addr, len, flags, next));
         }
         let head = self.alloc(1)[0];
         self.store(head, table, 16 * descs.len() as u32, IND, 0);
@@ -1837,16 +1907,10 @@ impl<'a> Rig<'a> {
     /// Lets the device process the queue; returns the new used entries (id, len).
     fn run(&mut self) -> Vec<(u32, u32)> {
         self.d.dev.process_queue(&self.vring);
-        let used = self.mock.used();
-        let idx = used.idx().load();
+        let idx = self.ring.used_idx();
         let mut out = Vec::new();
         while self.seen != idx {
-            let e = used
-                .ring()
-                .ref_at(usize::from(self.seen % QUEUE_SIZE))
-                .unwrap()
-                .load();
-            out.push((e.id(), e.len()));
+            out.push(self.ring.used_entry(self.seen));
             self.seen = self.seen.wrapping_add(1);
         }
         out
@@ -1927,10 +1991,11 @@ fn queue_indirect_descriptors() {
     d.hdr_at(HDR, VIRTIO_BLK_T_IN, 0);
     for (k, &(addr, len, flags)) in [(DATA2, 512u32, WO), (STATUS, 1, WO)].iter().enumerate() {
         let next_flag = if k == 0 { NEXT } else { 0 };
-        let raw = RawDescriptor::from(SplitDescriptor::new(addr, len, flags | next_flag, 1));
-        d.mem
-            .write_obj(raw, GuestAddress(INDIRECT + 0x2000 + 16 * k as u64))
-            .unwrap();
+        write_desc(
+            &d.mem,
+            INDIRECT + 0x2000 + 16 * k as u64,
+            (addr, len, flags | next_flag, 1),
+        );
     }
     let h = q.chain(&[(HDR, 16, RO), (INDIRECT + 0x2000, 32, IND)]);
     assert_eq!(q.run(), vec![(u32::from(h), 513)]);
@@ -1982,10 +2047,7 @@ fn queue_loop_inside_an_indirect_table() {
     // Entry 1 points at itself; the table has 16 entries, so 1 + 15 descriptors come out.
     let table = [(HDR, 16u32, NEXT, 1u16), (DATA2, 4096, WO | NEXT, 1)];
     for (k, &(addr, len, flags, next)) in table.iter().enumerate() {
-        let raw = RawDescriptor::from(SplitDescriptor::new(addr, len, flags, next));
-        d.mem
-            .write_obj(raw, GuestAddress(INDIRECT + 16 * k as u64))
-            .unwrap();
+        write_desc(&d.mem, INDIRECT + 16 * k as u64, (addr, len, flags, next));
     }
     let head = q.alloc(1)[0];
     q.store(head, INDIRECT, 16 * 16, IND, 0);
@@ -2001,17 +2063,10 @@ fn queue_bad_indirect_tables() {
     let d = device();
     let mut q = Rig::new(&d);
     d.hdr_at(HDR, VIRTIO_BLK_T_IN, 0);
-    let good = RawDescriptor::from(SplitDescriptor::new(HDR, 16, NEXT, 1));
-    d.mem.write_obj(good, GuestAddress(INDIRECT)).unwrap();
-    let status = RawDescriptor::from(SplitDescriptor::new(STATUS, 1, WO, 0));
-    d.mem
-        .write_obj(status, GuestAddress(INDIRECT + 16))
-        .unwrap();
+    write_desc(&d.mem, INDIRECT, (HDR, 16, NEXT, 1));
+    write_desc(&d.mem, INDIRECT + 16, (STATUS, 1, WO, 0));
     // A nested indirect table.
-    let nested = RawDescriptor::from(SplitDescriptor::new(INDIRECT, 32, IND, 0));
-    d.mem
-        .write_obj(nested, GuestAddress(INDIRECT + 0x400))
-        .unwrap();
+    write_desc(&d.mem, INDIRECT + 0x400, (INDIRECT, 32, IND, 0));
     for (table, len) in [
         (INDIRECT, 40u32),      // not a multiple of 16
         (INDIRECT, 0),          // empty
@@ -2064,11 +2119,11 @@ fn queue_bad_indices() {
     // An available index that runs more than a queue ahead: nothing is processed, and the
     // queue stays stopped (the ring is broken) even once the index is back, until the VMM sets
     // the ring up again.
-    let idx = q.mock.avail().idx().load();
-    q.mock.avail().idx().store(idx.wrapping_add(QUEUE_SIZE + 1));
+    let idx = q.ring.avail_idx();
+    q.ring.set_avail_idx(idx.wrapping_add(QUEUE_SIZE + 1));
     assert_eq!(q.run(), vec![]);
     assert!(q.vring.lock().broken().is_some());
-    q.mock.avail().idx().store(idx);
+    q.ring.set_avail_idx(idx);
     assert_eq!(q.run(), vec![]);
     q.reinit();
     q.assert_serving();
@@ -2222,7 +2277,7 @@ fn stop_waits_for_every_request_taken_and_a_new_ring_gets_no_old_head() {
         }
         let next = q.vring.stop(false);
         assert_eq!(
-            q.mock.used().idx().load(),
+            q.ring.used_idx(),
             next,
             "the stop returned while requests it had taken were still running"
         );
@@ -2230,7 +2285,7 @@ fn stop_waits_for_every_request_taken_and_a_new_ring_gets_no_old_head() {
         next
     });
     assert_eq!(
-        q.mock.used().idx().load(),
+        q.ring.used_idx(),
         stopped_at,
         "the ring was touched after the stop"
     );
@@ -2248,7 +2303,7 @@ fn stop_waits_for_every_request_taken_and_a_new_ring_gets_no_old_head() {
     }
     // A guest reset: the ring is set up again elsewhere, from index 0. Only the new request
     // comes out of it.
-    let fresh = MockSplitQueue::create(&d.mem, GuestAddress(0x40000), QUEUE_SIZE);
+    let fresh = SplitRing::new(&d.mem, 0x40000, QUEUE_SIZE);
     Rig::setup(&q.vring, &fresh, &d.mem);
     d.hdr_at(HDR, VIRTIO_BLK_T_GET_ID, 0);
     d.put(STATUS, &[SENTINEL]);
@@ -2260,20 +2315,13 @@ fn stop_waits_for_every_request_taken_and_a_new_ring_gets_no_old_head() {
     .into_iter()
     .enumerate()
     {
-        fresh
-            .desc_table()
-            .store(
-                i as u16,
-                RawDescriptor::from(SplitDescriptor::new(addr, len, flags, next)),
-            )
-            .unwrap();
+        fresh.store_desc(i as u16, addr, len, flags, next);
     }
-    fresh.avail().ring().ref_at(0).unwrap().store(0);
-    fresh.avail().idx().store(1);
+    fresh.set_avail_entry(0, 0);
+    fresh.set_avail_idx(1);
     d.dev.process_queue(&q.vring);
-    assert_eq!(fresh.used().idx().load(), 1);
-    let e = fresh.used().ring().ref_at(0).unwrap().load();
-    assert_eq!((e.id(), e.len()), (0, 21));
+    assert_eq!(fresh.used_idx(), 1);
+    assert_eq!(fresh.used_entry(0), (0, 21));
     assert_eq!(d.byte(STATUS), OK);
-    assert_eq!(q.mock.used().idx().load(), stopped_at);
+    assert_eq!(q.ring.used_idx(), stopped_at);
 }

@@ -16,19 +16,14 @@
 #              nearest job it can do: copy the same bytes into a VHDX.
 # Rates are MB/s of the child's data; the target is ours >= 0.8 x fio-copy.
 set -euo pipefail
-cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 SIZE=${1:-4G}
-cargo build --release --quiet
-BIN=$PWD/target/release/vhost-user-vhdx
-WORK=$(mktemp -d "${TMPDIR:-/tmp}/vhdx-bench-commit-XXXXXX")
-trap 'rm -rf "$WORK"' EXIT
-cd "$WORK"
+. "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+bench_setup commit
 
 bytes=$(numfmt --from=iec "$SIZE")
 block=$((32 << 20))
 blocks=$((bytes / block))
 half=$((blocks / 2 * block))
-now() { date +%s.%N; }
 rate() { awk -v b="$1" -v t="$2" 'BEGIN { printf "%.0f", b / t / 1e6 }'; }
 
 echo "setting up: a $SIZE parent, fully written; a child with every other 32 MiB block written"
@@ -51,7 +46,7 @@ sync
 t0=$(now)
 "$BIN" commit -q child.vhdx >/dev/null
 t1=$(now)
-ours=$(awk -v a="$t0" -v b="$t1" 'BEGIN { print b - a }')
+ours=$(elapsed "$t0" "$t1")
 # The parent now reads the child's data where the child had some, its own elsewhere.
 "$BIN" io -r -c "read -P 0x22 0 $block" -c "read -P 0x11 $block $block" \
     -c "read -P 0x22 $(((blocks - 2) * block)) $block" parent.vhdx >/dev/null ||
@@ -61,7 +56,7 @@ t0=$(now)
 qemu-img convert -t writeback -f raw -O vhdx -o block_size=32M half.raw qemu.vhdx
 sync -f qemu.vhdx
 t1=$(now)
-qemu=$(awk -v a="$t0" -v b="$t1" 'BEGIN { print b - a }')
+qemu=$(elapsed "$t0" "$t1")
 
 fio_secs() { # fio JSON -> seconds of the job's run
     python3 -c 'import json,sys; j=json.load(sys.stdin)["jobs"][0]; print((j["read"]["runtime"] or j["write"]["runtime"]) / 1000)'
@@ -74,7 +69,7 @@ t0=$(now)
 fio --name=w --filename=fio.dst --rw=write --bs=1M --size="$half" --end_fsync=1 \
     --output-format=json >/dev/null
 t1=$(now)
-w=$(awk -v a="$t0" -v b="$t1" 'BEGIN { print b - a }')
+w=$(elapsed "$t0" "$t1")
 fio=$(awk -v r="$r" -v w="$w" 'BEGIN { print r + w }')
 
 printf '%-10s %10s %10s\n' job seconds "MB/s"

@@ -10,13 +10,9 @@
 # of image). The copy rate is fio's sequential read and write rates combined as one copy
 # (1 / (1/read + 1/write)), O_DIRECT, 1 MiB requests, on the same filesystem.
 set -euo pipefail
-cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 SIZE=${1:-4G}
-cargo build --release --quiet
-BIN=$PWD/target/release/vhost-user-vhdx
-WORK=$(mktemp -d "${TMPDIR:-/tmp}/vhdx-bench-compact-XXXXXX")
-trap 'rm -rf "$WORK"' EXIT
-cd "$WORK"
+. "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+bench_setup compact
 
 bytes=$(numfmt --from=iec "$SIZE")
 blocks=$((bytes / (32 << 20)))
@@ -45,18 +41,18 @@ len=$(stat -c %s in.vhdx)
 cp --sparse=always in.vhdx ref.vhdx
 sync
 
-t0=$(date +%s.%N)
+t0=$(now)
 qemu-img convert -f vhdx -O vhdx in.vhdx converted.vhdx
 sync -f converted.vhdx
-t1=$(date +%s.%N)
+t1=$(now)
 out=$("$BIN" compact in.vhdx)
-t2=$(date +%s.%N)
+t2=$(now)
 qemu-img compare -q ref.vhdx in.vhdx || { echo "compact changed the content" >&2; exit 1; }
 qemu-img check -q in.vhdx || { echo "qemu-img check failed" >&2; exit 1; }
 
 mib=$(echo "$len / 1048576" | bc -l)
-tq=$(echo "$t1 - $t0" | bc -l)
-tc=$(echo "$t2 - $t1" | bc -l)
+tq=$(elapsed "$t0" "$t1")
+tc=$(elapsed "$t1" "$t2")
 printf 'image: %s virtual, %s blocks of 32 MiB, half zeros; file %d -> %d bytes\n' \
     "$SIZE" "$blocks" "$len" "$(stat -c %s in.vhdx)"
 echo "compact: $out"

@@ -3,12 +3,10 @@
 //! interrupted commit leaves a chain that reads as before, and running it again finishes it
 //! (see `crate::vhdx::commit`).
 
-use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use indicatif::{ProgressBar, ProgressStyle};
-
+use super::progress::{ProgressArgs, Unit};
 use super::{check_format, ChainArgs, CliResult};
 use crate::vhdx::commit::{commit_files, CommitOptions};
 
@@ -23,12 +21,8 @@ pub struct CommitArgs {
     /// Keep CHILD, emptied, as a child of the new parent (default: remove it).
     #[arg(short = 'd')]
     pub keep: bool,
-    /// Show a progress bar (the default when stderr is a terminal).
-    #[arg(short = 'p')]
-    pub progress: bool,
-    /// Never show a progress bar.
-    #[arg(short = 'q')]
-    pub quiet: bool,
+    #[command(flatten)]
+    pub progress: ProgressArgs,
     /// Commit even though another child of a level that changes was found beside the chain
     /// (that child will read wrong data afterwards).
     #[arg(long)]
@@ -38,29 +32,10 @@ pub struct CommitArgs {
     pub child: PathBuf,
 }
 
-/// A progress bar for `total` bytes, in `convert`'s style, or a hidden one.
-pub fn progress_bar(total: u64, show: bool) -> ProgressBar {
-    if !show {
-        return ProgressBar::hidden();
-    }
-    let b = ProgressBar::new(total);
-    b.set_style(
-        ProgressStyle::with_template(
-            "{bar:40} {percent:>3}% {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
-        )
-        .expect("valid template"),
-    );
-    b
-}
-
 pub fn run(args: CommitArgs) -> CliResult<ExitCode> {
     check_format(&args.format, &["vhdx"])?;
-    let show = !args.quiet && (args.progress || std::io::stderr().is_terminal());
-    let bar = progress_bar(0, show);
-    let mut progress = |done: u64, total: u64| {
-        bar.set_length(total);
-        bar.set_position(done);
-    };
+    let bar = args.progress.bar(Unit::Bytes);
+    let mut progress = |done: u64, total: u64| bar.update(done, total);
     let report = commit_files(
         &args.child,
         args.base.as_deref(),
@@ -71,7 +46,7 @@ pub fn run(args: CommitArgs) -> CliResult<ExitCode> {
         },
         &mut progress,
     );
-    bar.finish_and_clear();
+    bar.finish();
     let report = report?;
     println!("Image committed into {}.", report.target.display());
     for p in &report.removed {

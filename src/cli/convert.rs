@@ -8,15 +8,13 @@
 //! failed convert never leaves a half-written OUT, and an existing OUT is untouched until then.
 
 use std::fs::{File, OpenOptions};
-use std::io::IsTerminal;
 use std::os::fd::AsFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use indicatif::{ProgressBar, ProgressStyle};
-
 use super::create::apply_options;
+use super::progress::{ProgressArgs, Unit};
 use super::{check_format, CacheMode, ChainArgs, CliResult};
 use crate::vhdx::create::{self, CreateOptions};
 use crate::vhdx::{Chain, ChainOptions, Extents, ReadSource};
@@ -37,12 +35,8 @@ pub struct ConvertArgs {
     /// Options of a vhdx output, as for `create` (`-o help` lists them).
     #[arg(short = 'o', value_name = "OPTIONS")]
     pub options: Vec<String>,
-    /// Show a progress bar (the default when stderr is a terminal).
-    #[arg(short = 'p')]
-    pub progress: bool,
-    /// Never show a progress bar.
-    #[arg(short = 'q')]
-    pub quiet: bool,
+    #[command(flatten)]
+    pub progress: ProgressArgs,
     /// The host page cache for reading a vhdx input, as qemu-img's `-T`: `none` reads with
     /// O_DIRECT, so a large conversion does not fill the page cache.
     #[arg(short = 'T', value_enum, value_name = "SRC_CACHE")]
@@ -189,12 +183,12 @@ pub fn run(args: ConvertArgs) -> CliResult<ExitCode> {
             .into());
         }
     }
-    let show = !args.quiet && (args.progress || std::io::stderr().is_terminal());
+    let progress = args.progress;
     if args.output_format == "raw" {
         write_atomically(&args.output, |tmp| {
             let out = OpenOptions::new().write(true).create_new(true).open(tmp)?;
             out.set_len(input.size())?;
-            copy(&input, &mut RawOutput(&out), show)?;
+            copy(&input, &mut RawOutput(&out), progress)?;
             out.sync_all()?;
             Ok(())
         })?;
@@ -210,7 +204,7 @@ pub fn run(args: ConvertArgs) -> CliResult<ExitCode> {
                 },
             )?;
             let mut out = VhdxOutput(chain);
-            copy(&input, &mut out, show)?;
+            copy(&input, &mut out, progress)?;
             out.0.close()?;
             Ok(())
         })?;
@@ -250,20 +244,9 @@ pub fn write_atomically(path: &Path, write: impl FnOnce(&Path) -> CliResult<()>)
     result
 }
 
-fn copy(input: &Input, out: &mut dyn Output, show_progress: bool) -> CliResult<()> {
+fn copy(input: &Input, out: &mut dyn Output, progress: ProgressArgs) -> CliResult<()> {
     let size = input.size();
-    let bar = if show_progress {
-        let b = ProgressBar::new(size);
-        b.set_style(
-            ProgressStyle::with_template(
-                "{bar:40} {percent:>3}% {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
-            )
-            .expect("valid template"),
-        );
-        b
-    } else {
-        ProgressBar::hidden()
-    };
+    let bar = progress.bar(Unit::Bytes);
     let mut buf = vec![0u8; CHUNK as usize];
     let mut extents = Extents::new();
     let mut offset = 0;
@@ -279,8 +262,8 @@ fn copy(input: &Input, out: &mut dyn Output, show_progress: bool) -> CliResult<(
             }
         }
         offset += n;
-        bar.set_position(offset);
+        bar.update(offset, size);
     }
-    bar.finish_and_clear();
+    bar.finish();
     Ok(())
 }

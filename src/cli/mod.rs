@@ -9,6 +9,7 @@ pub mod create;
 pub mod info;
 pub mod io;
 pub mod options;
+pub mod progress;
 pub mod rebase;
 pub mod resize;
 pub mod serve;

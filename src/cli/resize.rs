@@ -5,11 +5,11 @@
 //! while data lies past the new end unless `--force`. The engine's resize is crash-safe: the
 //! file is the old disk or the new one whatever happens.
 
-use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use super::options::parse_size;
+use super::progress::{ProgressArgs, Unit};
 use super::{check_format, ChainArgs, CliResult};
 use crate::vhdx::resize::{self, ResizeOptions};
 use crate::vhdx::Chain;
@@ -25,12 +25,8 @@ pub struct ResizeArgs {
     /// With --shrink: discard data that lies past the new end instead of refusing.
     #[arg(long)]
     pub force: bool,
-    /// Show a progress bar (the default when stderr is a terminal).
-    #[arg(short = 'p')]
-    pub progress: bool,
-    /// Never show a progress bar.
-    #[arg(short = 'q')]
-    pub quiet: bool,
+    #[command(flatten)]
+    pub progress: ProgressArgs,
     #[command(flatten)]
     pub chain: ChainArgs,
     pub file: PathBuf,
@@ -64,17 +60,16 @@ pub fn run(args: ResizeArgs) -> CliResult<ExitCode> {
     let chain = Chain::open(&args.file, &args.chain.options(true))?;
     let old = chain.virtual_size();
     let size = new_size(&args.size, old)?;
-    let show = !args.quiet && (args.progress || std::io::stderr().is_terminal());
-    let bar = super::compact::progress_bar(show);
+    let bar = args.progress.bar(Unit::Steps);
     let options = ResizeOptions {
         shrink: args.shrink,
         force: args.force,
     };
     let report = resize::resize(chain, size, &options, &mut |done, total| {
-        bar.set_length(total);
-        bar.set_position(done);
-    })?;
-    bar.finish_and_clear();
+        bar.update(done, total)
+    });
+    bar.finish();
+    let report = report?;
     if report.old_size == report.new_size {
         println!("Image already has size {}", report.new_size);
     } else {

@@ -63,8 +63,14 @@ impl Chain {
             }
             .map_err(|e| open_error(p, e))
         };
-        let leaf = open(path, options.writable)?;
-        let mut seen = vec![canonical(path)];
+        Chain::with_parents(open(path, options.writable)?, options)
+    }
+
+    /// Opens the parents of an already opened `leaf` (read-only, as [`Chain::open`] does) and
+    /// makes the chain. For a caller that must open the leaf itself first, for writing (a
+    /// repair): opening the leaf a second time would conflict with its own write lock.
+    pub fn with_parents(leaf: VhdxFile, options: &ChainOptions) -> Result<Chain> {
+        let mut seen = vec![canonical(leaf.path())];
         let mut layers = vec![leaf];
         while layers.last().expect("non-empty").is_differencing() {
             let depth = layers.len();

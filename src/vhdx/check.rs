@@ -105,11 +105,12 @@ pub fn check(path: &Path, repair: Repair, parent_overrides: &[PathBuf]) -> Check
     }
     if file.is_differencing() {
         let options = ChainOptions {
-            writable: false,
             parent_overrides: parent_overrides.to_vec(),
             ..Default::default()
         };
-        match Chain::open(path, &options) {
+        // The parents are opened beside the leaf we already hold: opening the leaf again
+        // would conflict with its own write lock during a repair.
+        match Chain::with_parents(file, &options) {
             Ok(chain) => {
                 note_linkage2(&chain, &mut report);
                 for layer in &chain.layers()[1..] {

@@ -13,6 +13,7 @@
 pub mod crash_storage;
 mod files;
 pub mod frontend;
+pub mod guest;
 mod images;
 mod io_commands;
 mod peers;
