@@ -39,7 +39,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryMmap, Permissions};
 use crate::guest_io::{GuestBuffers, IOV_MAX};
 use crate::guest_memory;
 use crate::io::{AsyncIo, Completion, Op, OpKind};
-use crate::queue::{Outcome, Popped, Queue};
+use crate::queue::{Outcome, Popped, Queue, QueueServer};
 use crate::requests::{overlaps, Requests};
 use crate::vhdx::chain::{Extents, ReadSource};
 use crate::vhdx::direct::{DirectFile, GateGuard};
@@ -117,35 +117,31 @@ impl AsyncQueue {
     }
 
     /// Serves `queue`: finishes what has completed, then pops and starts every available
-    /// request. Asynchronous requests may still be in flight on return.
+    /// request, with one submission for the whole batch. Asynchronous requests may still be in
+    /// flight on return; guest notifications are left disabled (see [`QueueServer`]).
     pub fn serve(&mut self, queue: &Arc<Queue>) {
-        self.reap(queue);
-        loop {
-            queue.disable_notification();
-            while let Some(p) = queue.pop() {
-                match self.start(&p) {
-                    Start::Submitted => {}
-                    Start::Done(used) => self.finish(queue, p.head, Outcome::Used(used)),
-                    Start::Sync => {
-                        self.counts[2] += 1;
-                        self.drain(queue);
-                        let outcome = self.requests.run_popped(&p);
-                        self.finish(queue, p.head, outcome);
-                    }
-                }
-                if self.unsignalled >= EARLY_SIGNAL_AFTER {
-                    self.signal(queue);
+        self.reap_ready(queue);
+        queue.disable_notification();
+        while let Some(p) = queue.pop() {
+            match self.start(&p) {
+                Start::Submitted => {}
+                Start::Done(used) => self.finish(queue, p.head, Outcome::Used(used)),
+                Start::Sync => {
+                    self.counts[2] += 1;
+                    self.drain(queue);
+                    let outcome = self.requests.run_popped(&p);
+                    self.finish(queue, p.head, outcome);
                 }
             }
-            self.commit();
-            // Whatever finished meanwhile goes out with this batch's signal.
-            self.reap_ready(queue);
-            if self.unsignalled > 0 {
+            if self.unsignalled >= EARLY_SIGNAL_AFTER {
                 self.signal(queue);
             }
-            if !queue.enable_notification() {
-                return;
-            }
+        }
+        self.commit();
+        // Whatever finished meanwhile goes out with this batch's signal.
+        self.reap_ready(queue);
+        if self.unsignalled > 0 {
+            self.signal(queue);
         }
     }
 
@@ -176,14 +172,6 @@ impl AsyncQueue {
             self.finish_results(queue, &mut done);
             self.done = done;
         }
-        if self.unsignalled > 0 {
-            self.signal(queue);
-        }
-    }
-
-    /// Finishes what is ready and signals the driver.
-    fn reap(&mut self, queue: &Arc<Queue>) {
-        self.reap_ready(queue);
         if self.unsignalled > 0 {
             self.signal(queue);
         }
@@ -428,6 +416,20 @@ impl AsyncQueue {
             self.submit(op, head as u64);
         }
         Start::Submitted
+    }
+}
+
+impl QueueServer for AsyncQueue {
+    fn serve(&mut self, queue: &Arc<Queue>) {
+        AsyncQueue::serve(self, queue);
+    }
+
+    fn ready(&mut self, queue: &Arc<Queue>) -> bool {
+        self.io.ready() || queue.has_avail()
+    }
+
+    fn before_sleep(&mut self, _queue: &Arc<Queue>) -> bool {
+        self.io.before_sleep()
     }
 }
 

@@ -51,6 +51,12 @@ pub struct ServeArgs {
     /// thread runs one request at a time.
     #[arg(long, value_enum)]
     pub aio: Option<AioChoice>,
+    /// After serving, a queue thread keeps looking for new requests and completions for up to
+    /// this many microseconds before it sleeps, with the guest's kicks suppressed meanwhile;
+    /// the window adapts to the load and an idle device never polls (0: never poll).
+    #[arg(long, value_name = "N", default_value_t = crate::poll::DEFAULT_POLL_US,
+          value_parser = clap::value_parser!(u32).range(0..=1_000_000))]
+    pub poll_us: u32,
     /// Threads that help a queue with large reads when `--aio` is not given (default: one per
     /// core beyond the first; 0: each queue is served by its own thread alone).
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(0..=256))]
@@ -162,6 +168,7 @@ pub fn run(args: ServeArgs) -> CliResult<ExitCode> {
         serial,
         writethrough: args.writethrough || args.cache == CacheMode::Writethrough,
         aio,
+        poll: std::time::Duration::from_micros(u64::from(args.poll_us)),
         // Counted before the sandbox: the cgroup's CPU quota is read from /sys.
         helper_threads: args
             .helper_threads
