@@ -77,6 +77,9 @@ JOBS = [
 BACKENDS = ["ours", "qsd-vhdx", "qsd-raw", "fio-raw"]
 # More arguments for our serve (--serve-args).
 SERVE_ARGS = []
+# --variant NAME=ARGS: backends ours@NAME and ours-direct@NAME run with SERVE_ARGS + ARGS, so
+# that settings (e.g. --poll-us values) are compared in the same interleaved rounds.
+VARIANTS = {}
 ALL_BACKENDS = BACKENDS + ["ours-direct", "qsd-direct-uring", "qsd-direct-threads", "fio-direct"]
 COLD_BACKENDS = ["ours-direct", "ours", "qsd-direct-uring", "qsd-direct-threads", "fio-direct"]
 # Backends that never read through the host page cache.
@@ -124,10 +127,11 @@ def start_backend(kind, image, sock, queues, log=subprocess.DEVNULL):
     Its stdout and stderr go to `log` (a file object; discarded by default)."""
     if os.path.exists(sock):
         os.unlink(sock)
+    kind, _, variant = kind.partition("@")
     if kind in ("ours", "ours-direct"):
         cache = ["--cache", "none"] if kind == "ours-direct" else []
         cmd = ([BIN, "serve", "--socket-path", sock, "--num-queues", str(queues)] + cache
-               + SERVE_ARGS + [image])
+               + SERVE_ARGS + VARIANTS.get(variant, []) + [image])
     else:
         fmt = "raw" if kind == "qsd-raw" else "vhdx"
         opts = {"qsd-direct-uring": ",cache.direct=on,aio=io_uring",
@@ -216,7 +220,8 @@ def print_table(results, jobs, backends):
     """Prints the medians of `results` ((job, backend) -> list of runs) with our IOPS ratio to
     every other backend under each job; returns the rows. "ours" is ours-direct when it ran,
     else ours. A run whose cpu_s_per_gib is None (not measured) shows n/a."""
-    me = "ours-direct" if "ours-direct" in backends else "ours"
+    me = ("ours-direct" if "ours-direct" in backends else "ours" if "ours" in backends
+          else next(b for b in backends if b.startswith("ours")))
     def med(name, backend, key):
         values = [r[key] for r in results[(name, backend)]]
         return None if None in values else statistics.median(values)
@@ -262,10 +267,20 @@ def main():
                     help=f"client on core {CLIENT_CPU}, backend on core {BACKEND_CPU}")
     ap.add_argument("--serve-args", default="",
                     help="more arguments for our serve, e.g. '--aio io_uring'")
+    ap.add_argument("--variant", action="append", default=[], metavar="NAME=ARGS",
+                    help="adds backends ours@NAME and ours-direct@NAME, our serve with ARGS "
+                         "too (after --serve-args), e.g. --variant p0='--poll-us 0'; repeatable")
     a = ap.parse_args()
     global JOBS, BACKENDS, PIN, SERVE_ARGS
     PIN = a.pin
     SERVE_ARGS = a.serve_args.split()
+    for v in a.variant:
+        name, eq, args = v.partition("=")
+        if not eq or not name:
+            raise SystemExit(f"--variant {v!r}: NAME=ARGS expected")
+        VARIANTS[name] = args.split()
+        ALL_BACKENDS.extend([f"ours@{name}", f"ours-direct@{name}"])
+        DIRECT.add(f"ours-direct@{name}")
     if a.pin and os.cpu_count() < 2:
         raise SystemExit("--pin needs two cores")
     if a.jobs:
