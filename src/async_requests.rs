@@ -90,6 +90,8 @@ pub struct AsyncQueue {
     pending: VecDeque<(Op, u64)>,
     /// Reaped results, reused.
     done: Vec<Completion>,
+    /// Requests whose last part is done, for the used ring (reused).
+    finished: Vec<(u16, Outcome)>,
     /// Requests completed into the used ring since the driver was last signalled.
     unsignalled: usize,
     /// Requests served so far: reads and writes in flight, and one at a time (for the log).
@@ -106,6 +108,7 @@ impl AsyncQueue {
             active: 0,
             pending: VecDeque::new(),
             done: Vec::new(),
+            finished: Vec::new(),
             unsignalled: 0,
             counts: [0; 3],
         }
@@ -195,6 +198,8 @@ impl AsyncQueue {
         for (token, res) in done.drain(..) {
             self.part_done(queue, token, res);
         }
+        // Every request these results finished goes on the used ring under one lock.
+        self.unsignalled += queue.complete_all(&mut self.finished);
         // Room was freed: move pending operations in.
         if !self.pending.is_empty() {
             self.submit_pending();
@@ -232,8 +237,9 @@ impl AsyncQueue {
         let slot = self.slots[head].take().expect("checked above");
         self.active -= 1;
         let used = complete_status(&slot);
+        // Its guards and memory go now; it goes on the used ring with the rest of the results.
         drop(slot);
-        self.finish(queue, head as u16, Outcome::Used(used));
+        self.finished.push((head as u16, Outcome::Used(used)));
     }
 
     fn finish(&mut self, queue: &Arc<Queue>, head: u16, outcome: Outcome) {

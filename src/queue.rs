@@ -161,6 +161,37 @@ impl QueueState {
         }
     }
 
+    /// The body of [`Queue::complete`], under the lock.
+    fn complete(&mut self, index: usize, head: u16, outcome: Outcome, signal: bool) -> bool {
+        let mut pending = false;
+        let mem = self.mem.clone();
+        let used = match (outcome, mem) {
+            (Outcome::Used(len), Some(mem)) if self.broken.is_none() && self.addresses_set => {
+                self.inflight.before_used(head);
+                match self.ring.add_used(&mem, head, len) {
+                    Ok(()) => {
+                        pending = true;
+                        Some(self.ring.next_used())
+                    }
+                    Err(e) => {
+                        self.fail(index, e.to_string());
+                        None
+                    }
+                }
+            }
+            (Outcome::Broken(why), _) => {
+                self.fail(index, why);
+                None
+            }
+            _ => None,
+        };
+        self.inflight.end(head, used);
+        if pending && (signal || !self.started || !self.enabled) && self.signal_if_needed(index) {
+            pending = false;
+        }
+        pending
+    }
+
     /// Stops using the ring for good: a broken ring is logged once.
     fn fail(&mut self, index: usize, why: String) {
         if self.broken.is_none() {
@@ -354,31 +385,24 @@ impl Queue {
     /// the used ring and the driver was not signalled yet.
     pub fn complete(&self, head: u16, outcome: Outcome, signal: bool) -> bool {
         let mut st = self.lock();
-        let mut pending = false;
-        let mem = st.mem.clone();
-        let used = match (outcome, mem) {
-            (Outcome::Used(len), Some(mem)) if st.broken.is_none() && st.addresses_set => {
-                st.inflight.before_used(head);
-                match st.ring.add_used(&mem, head, len) {
-                    Ok(()) => {
-                        pending = true;
-                        Some(st.ring.next_used())
-                    }
-                    Err(e) => {
-                        st.fail(self.index, e.to_string());
-                        None
-                    }
-                }
-            }
-            (Outcome::Broken(why), _) => {
-                st.fail(self.index, why);
-                None
-            }
-            _ => None,
-        };
-        st.inflight.end(head, used);
-        if pending && (signal || !st.started || !st.enabled) && st.signal_if_needed(self.index) {
-            pending = false;
+        let pending = st.complete(self.index, head, outcome, signal);
+        if st.inflight.is_empty() {
+            self.idle.notify_all();
+        }
+        pending
+    }
+
+    /// [`Self::complete`] (without signalling) for every request in `done`, under one lock;
+    /// empties `done` and returns how many went on the used ring with the driver not yet
+    /// signalled.
+    pub fn complete_all(&self, done: &mut Vec<(u16, Outcome)>) -> usize {
+        if done.is_empty() {
+            return 0;
+        }
+        let mut st = self.lock();
+        let mut pending = 0;
+        for (head, outcome) in done.drain(..) {
+            pending += usize::from(st.complete(self.index, head, outcome, false));
         }
         if st.inflight.is_empty() {
             self.idle.notify_all();

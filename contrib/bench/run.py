@@ -130,8 +130,12 @@ def start_backend(kind, image, sock, queues, log=subprocess.DEVNULL):
     kind, _, variant = kind.partition("@")
     if kind in ("ours", "ours-direct"):
         cache = ["--cache", "none"] if kind == "ours-direct" else []
-        cmd = ([BIN, "serve", "--socket-path", sock, "--num-queues", str(queues)] + cache
-               + SERVE_ARGS + VARIANTS.get(variant, []) + [image])
+        extra = VARIANTS.get(variant, [])
+        # A variant's --bin=PATH: another build of serve (e.g. before a change).
+        binary = next((a[len("--bin="):] for a in extra if a.startswith("--bin=")), BIN)
+        extra = [a for a in extra if not a.startswith("--bin=")]
+        cmd = ([binary, "serve", "--socket-path", sock, "--num-queues", str(queues)] + cache
+               + SERVE_ARGS + extra + [image])
     else:
         fmt = "raw" if kind == "qsd-raw" else "vhdx"
         opts = {"qsd-direct-uring": ",cache.direct=on,aio=io_uring",
@@ -269,7 +273,8 @@ def main():
                     help="more arguments for our serve, e.g. '--aio io_uring'")
     ap.add_argument("--variant", action="append", default=[], metavar="NAME=ARGS",
                     help="adds backends ours@NAME and ours-direct@NAME, our serve with ARGS "
-                         "too (after --serve-args), e.g. --variant p0='--poll-us 0'; repeatable")
+                         "too (after --serve-args), e.g. --variant p0='--poll-us 0'; repeatable. "
+                         "--bin=PATH among ARGS runs that build of serve instead")
     a = ap.parse_args()
     global JOBS, BACKENDS, PIN, SERVE_ARGS
     PIN = a.pin
