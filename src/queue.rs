@@ -164,26 +164,28 @@ impl QueueState {
     /// The body of [`Queue::complete`], under the lock.
     fn complete(&mut self, index: usize, head: u16, outcome: Outcome, signal: bool) -> bool {
         let mut pending = false;
-        let mem = self.mem.clone();
-        let used = match (outcome, mem) {
+        // The memory is borrowed, not cloned: no atomic count per request.
+        let added = match (outcome, &self.mem) {
             (Outcome::Used(len), Some(mem)) if self.broken.is_none() && self.addresses_set => {
                 self.inflight.before_used(head);
-                match self.ring.add_used(&mem, head, len) {
-                    Ok(()) => {
-                        pending = true;
-                        Some(self.ring.next_used())
-                    }
-                    Err(e) => {
-                        self.fail(index, e.to_string());
-                        None
-                    }
-                }
+                Some(self.ring.add_used(mem, head, len))
             }
             (Outcome::Broken(why), _) => {
                 self.fail(index, why);
                 None
             }
             _ => None,
+        };
+        let used = match added {
+            Some(Ok(())) => {
+                pending = true;
+                Some(self.ring.next_used())
+            }
+            Some(Err(e)) => {
+                self.fail(index, e.to_string());
+                None
+            }
+            None => None,
         };
         self.inflight.end(head, used);
         if pending && (signal || !self.started || !self.enabled) && self.signal_if_needed(index) {
