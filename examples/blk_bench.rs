@@ -3,9 +3,11 @@
 //!
 //!   blk_bench --socket SOCK --job randread|randwrite|read|write [--bs 4k] [--qd 32]
 //!             [--queues 1] [--seconds 5] [--region BYTES] [--offset BYTES]
-//!             [--flush-every N]
+//!             [--flush-every N] [--idle SECONDS]
 //!
 //! Prints one JSON object: iops, MB/s, p50/p99 latency in microseconds, bytes moved.
+//! `--idle S`: after the job, stays connected doing nothing for S seconds before it prints and
+//! leaves (for measuring what an idle, connected backend uses).
 
 use std::mem::MaybeUninit;
 use std::time::{Duration, Instant};
@@ -22,6 +24,7 @@ struct Args {
     region: u64,
     offset: u64,
     flush_every: u64,
+    idle: f64,
 }
 
 fn size(s: &str) -> u64 {
@@ -39,6 +42,7 @@ fn args() -> Args {
         region: 0,
         offset: 0,
         flush_every: 0,
+        idle: 0.0,
     };
     let mut it = std::env::args().skip(1);
     while let Some(k) = it.next() {
@@ -53,6 +57,7 @@ fn args() -> Args {
             "--region" => a.region = size(&v),
             "--offset" => a.offset = size(&v),
             "--flush-every" => a.flush_every = v.parse().unwrap(),
+            "--idle" => a.idle = v.parse().unwrap(),
             other => panic!("unknown option {other}"),
         }
     }
@@ -190,6 +195,7 @@ fn main() {
         handles.into_iter().map(|h| h.join().unwrap()).collect()
     });
     let secs = started.elapsed().as_secs_f64();
+    std::thread::sleep(Duration::from_secs_f64(a.idle));
     let ops: u64 = results.iter().map(|r| r.ops).sum();
     let mut lat: Vec<u32> = results.into_iter().flat_map(|r| r.latencies_us).collect();
     lat.sort_unstable();

@@ -39,7 +39,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryMmap, Permissions};
 use crate::guest_io::{GuestBuffers, IOV_MAX};
 use crate::guest_memory;
 use crate::io::{AsyncIo, Completion, Op, OpKind};
-use crate::queue::{Outcome, Popped, Queue};
+use crate::queue::{Outcome, Popped, Queue, QueueServer};
 use crate::requests::{overlaps, Requests};
 use crate::vhdx::chain::{Extents, ReadSource};
 use crate::vhdx::direct::{DirectFile, GateGuard};
@@ -90,6 +90,8 @@ pub struct AsyncQueue {
     pending: VecDeque<(Op, u64)>,
     /// Reaped results, reused.
     done: Vec<Completion>,
+    /// Requests whose last part is done, for the used ring (reused).
+    finished: Vec<(u16, Outcome)>,
     /// Requests completed into the used ring since the driver was last signalled.
     unsignalled: usize,
     /// Requests served so far: reads and writes in flight, and one at a time (for the log).
@@ -106,6 +108,7 @@ impl AsyncQueue {
             active: 0,
             pending: VecDeque::new(),
             done: Vec::new(),
+            finished: Vec::new(),
             unsignalled: 0,
             counts: [0; 3],
         }
@@ -117,35 +120,31 @@ impl AsyncQueue {
     }
 
     /// Serves `queue`: finishes what has completed, then pops and starts every available
-    /// request. Asynchronous requests may still be in flight on return.
+    /// request, with one submission for the whole batch. Asynchronous requests may still be in
+    /// flight on return; guest notifications are left disabled (see [`QueueServer`]).
     pub fn serve(&mut self, queue: &Arc<Queue>) {
-        self.reap(queue);
-        loop {
-            queue.disable_notification();
-            while let Some(p) = queue.pop() {
-                match self.start(&p) {
-                    Start::Submitted => {}
-                    Start::Done(used) => self.finish(queue, p.head, Outcome::Used(used)),
-                    Start::Sync => {
-                        self.counts[2] += 1;
-                        self.drain(queue);
-                        let outcome = self.requests.run_popped(&p);
-                        self.finish(queue, p.head, outcome);
-                    }
-                }
-                if self.unsignalled >= EARLY_SIGNAL_AFTER {
-                    self.signal(queue);
+        self.reap_ready(queue);
+        queue.disable_notification();
+        while let Some(p) = queue.pop() {
+            match self.start(&p) {
+                Start::Submitted => {}
+                Start::Done(used) => self.finish(queue, p.head, Outcome::Used(used)),
+                Start::Sync => {
+                    self.counts[2] += 1;
+                    self.drain(queue);
+                    let outcome = self.requests.run_popped(&p);
+                    self.finish(queue, p.head, outcome);
                 }
             }
-            self.commit();
-            // Whatever finished meanwhile goes out with this batch's signal.
-            self.reap_ready(queue);
-            if self.unsignalled > 0 {
+            if self.unsignalled >= EARLY_SIGNAL_AFTER {
                 self.signal(queue);
             }
-            if !queue.enable_notification() {
-                return;
-            }
+        }
+        self.commit();
+        // Whatever finished meanwhile goes out with this batch's signal.
+        self.reap_ready(queue);
+        if self.unsignalled > 0 {
+            self.signal(queue);
         }
     }
 
@@ -181,14 +180,6 @@ impl AsyncQueue {
         }
     }
 
-    /// Finishes what is ready and signals the driver.
-    fn reap(&mut self, queue: &Arc<Queue>) {
-        self.reap_ready(queue);
-        if self.unsignalled > 0 {
-            self.signal(queue);
-        }
-    }
-
     fn reap_ready(&mut self, queue: &Arc<Queue>) {
         loop {
             let mut done = std::mem::take(&mut self.done);
@@ -207,6 +198,8 @@ impl AsyncQueue {
         for (token, res) in done.drain(..) {
             self.part_done(queue, token, res);
         }
+        // Every request these results finished goes on the used ring under one lock.
+        self.unsignalled += queue.complete_all(&mut self.finished);
         // Room was freed: move pending operations in.
         if !self.pending.is_empty() {
             self.submit_pending();
@@ -244,8 +237,9 @@ impl AsyncQueue {
         let slot = self.slots[head].take().expect("checked above");
         self.active -= 1;
         let used = complete_status(&slot);
+        // Its guards and memory go now; it goes on the used ring with the rest of the results.
         drop(slot);
-        self.finish(queue, head as u16, Outcome::Used(used));
+        self.finished.push((head as u16, Outcome::Used(used)));
     }
 
     fn finish(&mut self, queue: &Arc<Queue>, head: u16, outcome: Outcome) {
@@ -428,6 +422,20 @@ impl AsyncQueue {
             self.submit(op, head as u64);
         }
         Start::Submitted
+    }
+}
+
+impl QueueServer for AsyncQueue {
+    fn serve(&mut self, queue: &Arc<Queue>) {
+        AsyncQueue::serve(self, queue);
+    }
+
+    fn ready(&mut self, queue: &Arc<Queue>) -> bool {
+        self.io.ready() || queue.has_avail()
+    }
+
+    fn before_sleep(&mut self, _queue: &Arc<Queue>) -> bool {
+        self.io.before_sleep()
     }
 }
 

@@ -20,7 +20,7 @@ use zerocopy::{Immutable, IntoBytes, KnownLayout};
 
 use crate::async_requests::AsyncQueue;
 use crate::helper_pool::HelperPool;
-use crate::queue::{Outcome, Popped, Queue};
+use crate::queue::{Outcome, Popped, Queue, QueueServer};
 use crate::requests::{Requests, MAX_DISCARD_SECTORS};
 use crate::vhdx::write::defer_metadata_waits;
 use crate::vhdx::Chain;
@@ -85,6 +85,17 @@ pub struct DeviceOptions {
     pub aio: Option<crate::io::AioChoice>,
     /// Threads that help a queue with a batch of large requests (0: none).
     pub helper_threads: usize,
+    /// `--poll-us`: how long a queue thread polls at most before it sleeps ([`crate::poll`]).
+    pub poll: std::time::Duration,
+}
+
+/// The queue thread's server without `--aio`: [`BlockDevice::process_queue`].
+pub struct SyncServer(pub Arc<BlockDevice>);
+
+impl QueueServer for SyncServer {
+    fn serve(&mut self, queue: &Arc<Queue>) {
+        self.0.process_queue(queue);
+    }
 }
 
 /// The default number of helper threads: one per core beyond the queue thread's own.
@@ -257,9 +268,12 @@ impl BlockDevice {
     /// back while the thread runs the ones behind it, and completed once the change is in the
     /// log, before this returns: so a batch of first writes shares one or two commits instead
     /// of waiting for one each. The other requests complete as soon as they are done.
+    ///
+    /// Guest notifications are left disabled: the queue thread enables them before it sleeps
+    /// (see [`QueueServer`]).
     pub fn process_queue(&self, queue: &Arc<Queue>) {
         let mut held = Held::default();
-        loop {
+        {
             queue.disable_notification();
             let mut completed = 0;
             while let Some(p) = queue.pop() {
@@ -298,9 +312,6 @@ impl BlockDevice {
             self.complete_held(queue, &mut held);
             if completed > 0 {
                 queue.signal_if_needed();
-            }
-            if !queue.enable_notification() {
-                return;
             }
         }
     }

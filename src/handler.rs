@@ -32,9 +32,10 @@ use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 use vm_memory::mmap::MmapRegion;
 use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap, GuestRegionMmap, VolatileSlice};
 
-use crate::backend::BlockDevice;
+use crate::backend::{BlockDevice, SyncServer};
 use crate::guest_memory;
 use crate::inflight::{queue_region_size, region_size, QueueRegion};
+use crate::poll::AdaptivePoll;
 use crate::queue::{run_queue_thread, Queue};
 
 /// SET_MEM_TABLE carries at most this many regions (vhost-user: VHOST_MEMORY_BASELINE_NREGIONS).
@@ -92,10 +93,15 @@ impl BlkHandler {
                 .spawn(move || {
                     crate::guest_memory::block_async_signals();
                     crate::sandbox::ThreadKind::Queue.confine();
+                    let mut poll = AdaptivePoll::new(dev.options().poll);
                     let r = match dev.async_queue(max) {
-                        None => run_queue_thread(&queue, None, |q| dev.process_queue(q)),
+                        None => {
+                            let mut server = SyncServer(Arc::clone(&dev));
+                            run_queue_thread(&queue, None, &mut poll, &mut server)
+                        }
                         Some(Ok(mut aq)) => {
-                            let r = run_queue_thread(&queue, Some(aq.notifier()), |q| aq.serve(q));
+                            let notifier = aq.notifier();
+                            let r = run_queue_thread(&queue, Some(notifier), &mut poll, &mut aq);
                             // Nothing in flight outlives the thread.
                             aq.finish_all(&queue);
                             r
@@ -691,6 +697,7 @@ mod tests {
                 writethrough: false,
                 helper_threads: 0,
                 aio: None,
+                poll: std::time::Duration::ZERO,
             },
         )
         .unwrap();

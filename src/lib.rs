@@ -11,6 +11,7 @@ pub mod handler;
 pub mod helper_pool;
 pub mod inflight;
 pub mod io;
+pub mod poll;
 pub mod queue;
 pub mod requests;
 pub mod ring;

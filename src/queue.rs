@@ -16,7 +16,8 @@
 //! The queue thread waits in epoll on the kick eventfd, a control eventfd (stop, exit,
 //! "look again": a new kick fd, the ring started, new memory) and, with requests in flight
 //! ([`crate::async_requests`]), the completion notifier of its asynchronous I/O: those
-//! completions go through [`Queue::complete`] like any other.
+//! completions go through [`Queue::complete`] like any other. After serving it may poll a
+//! while before it sleeps ([`crate::poll`]).
 
 use std::collections::VecDeque;
 use std::fs::File;
@@ -30,6 +31,7 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::inflight::InflightRecord;
+use crate::poll::AdaptivePoll;
 use crate::ring::{Chain, SplitRing};
 
 /// A request taken from a queue, owned, so that any thread can run it.
@@ -69,6 +71,10 @@ pub struct QueueState {
     pub inflight: InflightRecord,
     /// Heads recovered from the in-flight region, run before any new one.
     resubmit: VecDeque<u16>,
+    /// Kicks are suppressed ([`Queue::disable_notification`]): without EVENT_IDX,
+    /// `VRING_USED_F_NO_NOTIFY` is set in the used ring, and must be cleared before the ring
+    /// is handed back ([`QueueState::unsuppress`]).
+    suppressed: bool,
 }
 
 impl QueueState {
@@ -138,6 +144,54 @@ impl QueueState {
         for head in std::mem::take(&mut self.resubmit) {
             self.inflight.forget(head);
         }
+    }
+
+    /// Asks for kicks again before the ring is stopped or changed, so that whoever runs it
+    /// next (this process after a restart, another backend after a migration) does not find
+    /// the driver told not to kick. Called under the lock that stops the ring, before the VMM
+    /// gets its answer.
+    fn unsuppress(&mut self) {
+        if !std::mem::take(&mut self.suppressed) || self.ring.event_idx || !self.checked {
+            return;
+        }
+        if let (Some(mem), None) = (self.mem.clone(), &self.broken) {
+            if let Err(e) = self.ring.enable_notification(&mem) {
+                debug!("queue: cannot clear VRING_USED_F_NO_NOTIFY: {e}");
+            }
+        }
+    }
+
+    /// The body of [`Queue::complete`], under the lock.
+    fn complete(&mut self, index: usize, head: u16, outcome: Outcome, signal: bool) -> bool {
+        let mut pending = false;
+        // The memory is borrowed, not cloned: no atomic count per request.
+        let added = match (outcome, &self.mem) {
+            (Outcome::Used(len), Some(mem)) if self.broken.is_none() && self.addresses_set => {
+                self.inflight.before_used(head);
+                Some(self.ring.add_used(mem, head, len))
+            }
+            (Outcome::Broken(why), _) => {
+                self.fail(index, why);
+                None
+            }
+            _ => None,
+        };
+        let used = match added {
+            Some(Ok(())) => {
+                pending = true;
+                Some(self.ring.next_used())
+            }
+            Some(Err(e)) => {
+                self.fail(index, e.to_string());
+                None
+            }
+            None => None,
+        };
+        self.inflight.end(head, used);
+        if pending && (signal || !self.started || !self.enabled) && self.signal_if_needed(index) {
+            pending = false;
+        }
+        pending
     }
 
     /// Stops using the ring for good: a broken ring is logged once.
@@ -211,6 +265,7 @@ impl Queue {
                 mem: None,
                 inflight: InflightRecord::new(max_size),
                 resubmit: VecDeque::new(),
+                suppressed: false,
             }),
             idle: Condvar::new(),
             ctrl: EventFd::new(EFD_NONBLOCK)?,
@@ -239,6 +294,7 @@ impl Queue {
         while !st.inflight.is_empty() {
             st = self.idle.wait(st).unwrap_or_else(PoisonError::into_inner);
         }
+        st.unsuppress();
         if !disable_only {
             st.kick = None;
             st.call = None;
@@ -259,6 +315,7 @@ impl Queue {
         while !st.inflight.is_empty() {
             st = self.idle.wait(st).unwrap_or_else(PoisonError::into_inner);
         }
+        st.unsuppress();
         st
     }
 
@@ -330,31 +387,24 @@ impl Queue {
     /// the used ring and the driver was not signalled yet.
     pub fn complete(&self, head: u16, outcome: Outcome, signal: bool) -> bool {
         let mut st = self.lock();
-        let mut pending = false;
-        let mem = st.mem.clone();
-        let used = match (outcome, mem) {
-            (Outcome::Used(len), Some(mem)) if st.broken.is_none() && st.addresses_set => {
-                st.inflight.before_used(head);
-                match st.ring.add_used(&mem, head, len) {
-                    Ok(()) => {
-                        pending = true;
-                        Some(st.ring.next_used())
-                    }
-                    Err(e) => {
-                        st.fail(self.index, e.to_string());
-                        None
-                    }
-                }
-            }
-            (Outcome::Broken(why), _) => {
-                st.fail(self.index, why);
-                None
-            }
-            _ => None,
-        };
-        st.inflight.end(head, used);
-        if pending && (signal || !st.started || !st.enabled) && st.signal_if_needed(self.index) {
-            pending = false;
+        let pending = st.complete(self.index, head, outcome, signal);
+        if st.inflight.is_empty() {
+            self.idle.notify_all();
+        }
+        pending
+    }
+
+    /// [`Self::complete`] (without signalling) for every request in `done`, under one lock;
+    /// empties `done` and returns how many went on the used ring with the driver not yet
+    /// signalled.
+    pub fn complete_all(&self, done: &mut Vec<(u16, Outcome)>) -> usize {
+        if done.is_empty() {
+            return 0;
+        }
+        let mut st = self.lock();
+        let mut pending = 0;
+        for (head, outcome) in done.drain(..) {
+            pending += usize::from(st.complete(self.index, head, outcome, false));
         }
         if st.inflight.is_empty() {
             self.idle.notify_all();
@@ -371,23 +421,34 @@ impl Queue {
         st.signal_if_needed(self.index)
     }
 
-    /// With EVENT_IDX: stop asking for kicks while the queue is being served.
+    /// Stops asking for kicks while the queue is being served or polled: without EVENT_IDX
+    /// by setting `VRING_USED_F_NO_NOTIFY`; with it there is nothing to write, as the driver
+    /// kicks only when its avail index passes the `avail_event` we last published, which
+    /// [`Self::enable_notification`] alone moves.
     pub fn disable_notification(&self) {
         let mut st = self.lock();
-        if st.running() && st.ring.event_idx {
-            let mem = st.mem.clone().expect("running");
-            if let Err(e) = st.ring.disable_notification(&mem) {
-                st.fail(self.index, e.to_string());
-            }
+        if !st.running() || st.suppressed {
+            return;
+        }
+        st.suppressed = true;
+        if st.ring.event_idx {
+            return;
+        }
+        let mem = st.mem.clone().expect("running");
+        if let Err(e) = st.ring.disable_notification(&mem) {
+            st.fail(self.index, e.to_string());
         }
     }
 
-    /// Asks for kicks again; true if the queue has more to serve now.
+    /// Asks for kicks again; true if the queue has more to serve now (then serve it before
+    /// sleeping: a request made available before the driver saw kicks wanted would otherwise
+    /// wait for the next one).
     pub fn enable_notification(&self) -> bool {
         let mut st = self.lock();
-        if !st.running() || !st.ring.event_idx {
+        if !st.running() {
             return false;
         }
+        st.suppressed = false;
         let mem = st.mem.clone().expect("running");
         match st.ring.enable_notification(&mem) {
             Ok(more) => more,
@@ -397,6 +458,43 @@ impl Queue {
             }
         }
     }
+
+    /// Whether the avail ring has a request not yet taken (or a recovered head waits), without
+    /// taking it: what a polling queue thread looks at.
+    pub fn has_avail(&self) -> bool {
+        let st = self.lock();
+        if !st.running() {
+            return false;
+        }
+        if !st.resubmit.is_empty() {
+            return true;
+        }
+        let mem = st.mem.as_ref().expect("running");
+        // An unreadable ring is the next pop's to report.
+        st.ring
+            .avail_idx(mem)
+            .map_or(true, |avail| avail != st.ring.next_avail())
+    }
+}
+
+/// What a queue thread runs: [`run_queue_thread`] calls `serve` after every wake-up and, while
+/// it polls, `ready` to learn whether serving again would find anything.
+pub trait QueueServer {
+    /// Serves what is available (pops and starts or runs requests, completes what is done,
+    /// signals the driver). Leaves guest notifications disabled
+    /// ([`Queue::disable_notification`]); the thread enables them before it sleeps.
+    fn serve(&mut self, queue: &Arc<Queue>);
+    /// True if serving now would find work: a request in the avail ring, or completed I/O.
+    /// Called in a loop while polling, so it must be cheap (no blocking, no syscall in the
+    /// usual case).
+    fn ready(&mut self, queue: &Arc<Queue>) -> bool {
+        queue.has_avail()
+    }
+    /// Called just before the thread sleeps, notifications enabled: true if something
+    /// turned up meanwhile (serve instead of sleeping).
+    fn before_sleep(&mut self, _queue: &Arc<Queue>) -> bool {
+        false
+    }
 }
 
 const TOKEN_CTRL: u64 = 0;
@@ -405,12 +503,17 @@ const TOKEN_KICK: u64 = 1;
 const TOKEN_COMPLETIONS: u64 = 2;
 
 /// The queue thread: waits for kicks, control events and, if `completions` is given, that
-/// notifier, and serves the queue with `serve` after each wake-up, until asked to exit.
+/// notifier, and serves the queue with `server` after each wake-up, until asked to exit.
 /// `serve` runs even while the queue is stopped, so that completions still come in.
+///
+/// After serving, the thread polls (`server.ready`) for up to `poll`'s window before it
+/// sleeps, with kicks still suppressed; then it asks for kicks again and looks once more
+/// before sleeping, so that a request made available meanwhile is not left waiting.
 pub fn run_queue_thread(
     queue: &Arc<Queue>,
     completions: Option<std::os::fd::RawFd>,
-    mut serve: impl FnMut(&Arc<Queue>),
+    poll: &mut AdaptivePoll,
+    server: &mut impl QueueServer,
 ) -> io::Result<()> {
     let epoll = Epoll::new()?;
     epoll.ctl(
@@ -458,12 +561,22 @@ pub fn run_queue_thread(
                 }
             }
         }
-        serve(queue);
+        server.serve(queue);
+        let idle_since = poll.start();
+        if poll.poll(idle_since, || server.ready(queue)) {
+            continue;
+        }
+        if queue.enable_notification() || server.before_sleep(queue) {
+            continue;
+        }
         let n = match epoll.wait(-1, &mut events) {
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => return Err(e),
         };
+        if events[..n].iter().any(|ev| ev.data() != TOKEN_CTRL) {
+            poll.woken(idle_since);
+        }
         for ev in &events[..n] {
             match ev.data() {
                 TOKEN_CTRL => {

@@ -153,6 +153,7 @@ fn device_with(s: Setup) -> Dev {
             writethrough: s.writethrough,
             aio: None,
             helper_threads: 1,
+            poll: std::time::Duration::ZERO,
         },
     )
     .unwrap();

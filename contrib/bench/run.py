@@ -77,6 +77,9 @@ JOBS = [
 BACKENDS = ["ours", "qsd-vhdx", "qsd-raw", "fio-raw"]
 # More arguments for our serve (--serve-args).
 SERVE_ARGS = []
+# --variant NAME=ARGS: backends ours@NAME and ours-direct@NAME run with SERVE_ARGS + ARGS, so
+# that settings (e.g. --poll-us values) are compared in the same interleaved rounds.
+VARIANTS = {}
 ALL_BACKENDS = BACKENDS + ["ours-direct", "qsd-direct-uring", "qsd-direct-threads", "fio-direct"]
 COLD_BACKENDS = ["ours-direct", "ours", "qsd-direct-uring", "qsd-direct-threads", "fio-direct"]
 # Backends that never read through the host page cache.
@@ -124,10 +127,15 @@ def start_backend(kind, image, sock, queues, log=subprocess.DEVNULL):
     Its stdout and stderr go to `log` (a file object; discarded by default)."""
     if os.path.exists(sock):
         os.unlink(sock)
+    kind, _, variant = kind.partition("@")
     if kind in ("ours", "ours-direct"):
         cache = ["--cache", "none"] if kind == "ours-direct" else []
-        cmd = ([BIN, "serve", "--socket-path", sock, "--num-queues", str(queues)] + cache
-               + SERVE_ARGS + [image])
+        extra = VARIANTS.get(variant, [])
+        # A variant's --bin=PATH: another build of serve (e.g. before a change).
+        binary = next((a[len("--bin="):] for a in extra if a.startswith("--bin=")), BIN)
+        extra = [a for a in extra if not a.startswith("--bin=")]
+        cmd = ([binary, "serve", "--socket-path", sock, "--num-queues", str(queues)] + cache
+               + SERVE_ARGS + extra + [image])
     else:
         fmt = "raw" if kind == "qsd-raw" else "vhdx"
         opts = {"qsd-direct-uring": ",cache.direct=on,aio=io_uring",
@@ -216,7 +224,8 @@ def print_table(results, jobs, backends):
     """Prints the medians of `results` ((job, backend) -> list of runs) with our IOPS ratio to
     every other backend under each job; returns the rows. "ours" is ours-direct when it ran,
     else ours. A run whose cpu_s_per_gib is None (not measured) shows n/a."""
-    me = "ours-direct" if "ours-direct" in backends else "ours"
+    me = ("ours-direct" if "ours-direct" in backends else "ours" if "ours" in backends
+          else next(b for b in backends if b.startswith("ours")))
     def med(name, backend, key):
         values = [r[key] for r in results[(name, backend)]]
         return None if None in values else statistics.median(values)
@@ -262,10 +271,24 @@ def main():
                     help=f"client on core {CLIENT_CPU}, backend on core {BACKEND_CPU}")
     ap.add_argument("--serve-args", default="",
                     help="more arguments for our serve, e.g. '--aio io_uring'")
+    ap.add_argument("--idle", action="store_true",
+                    help="also measure each of our backends' CPU while a client stays connected "
+                         "and idle for 10 s after 1 s of 4k QD32 reads")
+    ap.add_argument("--variant", action="append", default=[], metavar="NAME=ARGS",
+                    help="adds backends ours@NAME and ours-direct@NAME, our serve with ARGS "
+                         "too (after --serve-args), e.g. --variant p0='--poll-us 0'; repeatable. "
+                         "--bin=PATH among ARGS runs that build of serve instead")
     a = ap.parse_args()
     global JOBS, BACKENDS, PIN, SERVE_ARGS
     PIN = a.pin
     SERVE_ARGS = a.serve_args.split()
+    for v in a.variant:
+        name, eq, args = v.partition("=")
+        if not eq or not name:
+            raise SystemExit(f"--variant {v!r}: NAME=ARGS expected")
+        VARIANTS[name] = args.split()
+        ALL_BACKENDS.extend([f"ours@{name}", f"ours-direct@{name}"])
+        DIRECT.add(f"ours-direct@{name}")
     if a.pin and os.cpu_count() < 2:
         raise SystemExit("--pin needs two cores")
     if a.jobs:
@@ -337,6 +360,8 @@ def main():
                 if kind == "empty" and os.path.exists(image):
                     os.unlink(image)
 
+    if a.idle:
+        idle_cpu(work, full, sock)
     rows = print_table(results, [j[0] for j in JOBS], BACKENDS)
     machine_line = machine()
     mode = ("cold: page cache dropped before every job" if can_drop else
@@ -419,6 +444,24 @@ def targets(med, jobs):
                       med(job, b, "cpu_s_per_gib") / max(med(job, "ours", "cpu_s_per_gib"), 1e-9),
                       1.0)
     return verdicts
+
+
+def idle_cpu(work, image, sock):
+    """The CPU each of our backends uses over 10 s while a client is connected and idle, right
+    after 1 s of 4k random reads at QD32 (the issue's target: 0.0 %)."""
+    for backend in [b for b in BACKENDS if b.startswith("ours")]:
+        p = start_backend(backend, image, sock, 2)
+        client = subprocess.Popen(pinned([BENCH, "--socket", sock, "--seconds", "1", "--job",
+                                          "randread", "--bs", "4k", "--qd", "32", "--idle",
+                                          "11"], CLIENT_CPU), stdout=subprocess.DEVNULL)
+        time.sleep(1.5)  # the job, then the last polling window (at most --poll-us)
+        c0 = cpu_seconds(p.pid)
+        time.sleep(10)
+        c1 = cpu_seconds(p.pid)
+        client.wait()
+        stop_backend(p)
+        print(f"idle, connected, 10 s after load: {backend:22} {100 * (c1 - c0) / 10:5.2f} % "
+              f"of a core ({c1 - c0:.2f} s)")
 
 
 def footprint(a, work, sock):

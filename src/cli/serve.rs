@@ -53,6 +53,12 @@ pub struct ServeArgs {
     /// one request at a time per queue (an escape hatch).
     #[arg(long, value_enum, default_value_t = AioMode::Auto, overrides_with = "aio")]
     pub aio: AioMode,
+    /// After serving, a queue thread keeps looking for new requests and completions for up to
+    /// this many microseconds before it sleeps, with the guest's kicks suppressed meanwhile;
+    /// the window adapts to the load and an idle device never polls (0: never poll).
+    #[arg(long, value_name = "N", default_value_t = crate::poll::DEFAULT_POLL_US,
+          value_parser = clap::value_parser!(u32).range(0..=1_000_000))]
+    pub poll_us: u32,
     /// With `--aio off` only: threads that help a queue with large reads (default: one per
     /// core beyond the first; 0: each queue is served by its own thread alone).
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(0..=256))]
@@ -228,6 +234,7 @@ pub fn run(args: ServeArgs) -> CliResult<ExitCode> {
         serial,
         writethrough: args.writethrough || args.cache == CacheMode::Writethrough,
         aio,
+        poll: std::time::Duration::from_micros(u64::from(args.poll_us)),
         // Counted before the sandbox: the cgroup's CPU quota is read from /sys.
         helper_threads: args
             .helper_threads

@@ -139,4 +139,12 @@ impl AsyncIo for FaultyIo {
     fn notifier(&self) -> RawFd {
         self.inner.notifier()
     }
+
+    fn ready(&mut self) -> bool {
+        self.inner.ready()
+    }
+
+    fn before_sleep(&mut self) -> bool {
+        self.inner.before_sleep()
+    }
 }

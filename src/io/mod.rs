@@ -154,8 +154,17 @@ pub trait AsyncIo: Send {
     fn reap(&mut self, out: &mut Vec<Completion>) -> usize;
     /// Waits until at least one result is ready (or nothing is in flight), then reaps.
     fn wait(&mut self, out: &mut Vec<Completion>) -> io::Result<usize>;
-    /// An eventfd that is readable while results may be waiting; `reap` clears it.
+    /// An eventfd that is readable while results may be waiting; [`Self::before_sleep`]
+    /// clears it (and `reap` may).
     fn notifier(&self) -> RawFd;
+    /// True if results are ready to reap: cheap, for a thread that polls (no syscall unless
+    /// the kernel has completion work that only a syscall runs).
+    fn ready(&mut self) -> bool;
+    /// The caller is about to sleep on [`Self::notifier`]: clears it, then returns true if
+    /// results came in meanwhile (reap them instead of sleeping).
+    fn before_sleep(&mut self) -> bool {
+        false
+    }
 }
 
 /// Which implementation to use: `forced` when given (io_uring that cannot start is then an

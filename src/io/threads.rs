@@ -252,6 +252,10 @@ impl AsyncIo for ThreadPoolIo {
     fn notifier(&self) -> RawFd {
         self.shared.event.as_raw_fd()
     }
+
+    fn ready(&mut self) -> bool {
+        self.in_flight > 0 && !self.shared.lock().done.is_empty()
+    }
 }
 
 impl Drop for ThreadPoolIo {

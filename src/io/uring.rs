@@ -208,6 +208,10 @@ impl AsyncIo for UringIo {
 
     fn commit(&mut self) -> io::Result<()> {
         self.requeue_waiting();
+        if self.ring.submission().is_empty() {
+            // Nothing to hand over: spare the syscall.
+            return Ok(());
+        }
         loop {
             match self.ring.submit() {
                 Ok(_) => return Ok(()),
@@ -218,8 +222,8 @@ impl AsyncIo for UringIo {
     }
 
     fn reap(&mut self, out: &mut Vec<Completion>) -> usize {
-        // Clear the eventfd first: a completion posted after the drain signals it again.
-        let _ = self.event.read();
+        // The eventfd is left as it is (a read is a syscall per reap): `before_sleep` clears
+        // it once, before the caller sleeps on it.
         let mut n = 0;
         loop {
             let mut ready = std::mem::take(&mut self.ready);
@@ -262,6 +266,24 @@ impl AsyncIo for UringIo {
 
     fn notifier(&self) -> RawFd {
         self.event.as_raw_fd()
+    }
+
+    fn ready(&mut self) -> bool {
+        if self.in_flight() == 0 {
+            return false;
+        }
+        // With COOP_TASKRUN a finished request may wait as task work that only runs when this
+        // thread enters the kernel; the kernel flags it (TASKRUN_FLAG). Then one enter.
+        if self.ring.submission().taskrun() {
+            let _ = self.ring.submit();
+        }
+        !self.ring.completion().is_empty()
+    }
+
+    fn before_sleep(&mut self) -> bool {
+        // Cleared first: a completion posted after the look below signals it again.
+        let _ = self.event.read();
+        self.ready()
     }
 }
 

@@ -229,7 +229,7 @@ pub struct Footprint {
 }
 
 /// utime + stime (clock ticks) of every thread of `pid`, with the thread's name.
-fn thread_cpu(pid: i32) -> std::collections::HashMap<String, (String, u64)> {
+pub fn thread_cpu(pid: i32) -> std::collections::HashMap<String, (String, u64)> {
     let mut out = std::collections::HashMap::new();
     let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
         return out;
