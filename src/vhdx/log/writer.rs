@@ -79,17 +79,17 @@ struct State {
 #[derive(Default)]
 struct Stats {
     since: Option<Instant>,
+    /// Steps ([`step`]): each a generation, one flush at least.
     commits: u64,
     entries: u64,
     pages: u64,
     changes: u64,
     flushes: u64,
-    /// In flushes that made data durable before an entry (step 2).
-    data_flush: Duration,
-    /// In flushes that made an entry durable (step 3).
-    entry_flush: Duration,
-    /// From a commit's snapshot to its generation being durable.
-    commit_time: Duration,
+    flush_time: Duration,
+    /// Flushes made for data before an entry ...
+    data_flushes: u64,
+    /// ... and of those, how many also made the previous entry durable.
+    shared_flushes: u64,
     /// Waits for a generation ([`Wal::wait_durable`]) and the time spent in them.
     waits: u64,
     waited: Duration,
@@ -105,17 +105,17 @@ impl Stats {
         }
         let per = |d: Duration, n: u64| d.as_micros() as u64 / n.max(1);
         log::debug!(
-            "log: {:.0} commits/s, {:.1} changes and {:.1} pages per commit, {} entries; \
-             {} flushes, data {} us avg, entry {} us avg; commit {} us avg; \
+            "log: {:.0} steps/s, {} entries, {:.1} changes and {:.1} pages per entry; \
+             {} flushes of {} us avg, {} for data, {} of those also for an entry; \
              {} waits, {} us avg, {} us longest",
             self.commits as f64 / elapsed.as_secs_f64(),
-            self.changes as f64 / self.commits.max(1) as f64,
-            self.pages as f64 / self.commits.max(1) as f64,
             self.entries,
+            self.changes as f64 / self.entries.max(1) as f64,
+            self.pages as f64 / self.entries.max(1) as f64,
             self.flushes,
-            per(self.data_flush, self.commits),
-            per(self.entry_flush, self.entries),
-            per(self.commit_time, self.commits),
+            per(self.flush_time, self.flushes),
+            self.data_flushes,
+            self.shared_flushes,
             self.waits,
             per(self.waited, self.waits),
             self.longest_wait.as_micros(),
@@ -141,10 +141,24 @@ struct Shared {
     log_guid: Uuid,
 }
 
-/// Where the worker writes next; touched only by the worker thread.
+/// Where the worker writes next, and what it has written but not flushed; touched only by the
+/// worker thread.
 struct Cursor {
     position: u64,
     sequence: u64,
+    /// The newest entry, written but not flushed yet.
+    unflushed: Option<Unflushed>,
+    /// Where the entry whose pages were last written in place starts, until a flush makes
+    /// those writes durable: the next entry's Tail, so that a replay applies it again.
+    applied: Option<u64>,
+}
+
+/// An entry written but not flushed: its pages go in place once a flush makes it durable.
+struct Unflushed {
+    position: u64,
+    ops: Vec<LogOp>,
+    /// The generation it makes durable; `None` for a round of a commit other than its last.
+    generation: Option<u64>,
 }
 
 pub struct Wal {
@@ -205,6 +219,8 @@ impl Wal {
         let cursor = Cursor {
             position: empty.len() as u64,
             sequence: 1,
+            unflushed: None,
+            applied: None,
         };
         let worker = Arc::clone(&shared);
         let thread = std::thread::Builder::new()
@@ -406,7 +422,14 @@ fn run(shared: &Shared, mut cursor: Cursor) {
     let mut events = [epoll::Event::new(epoll::Events::empty(), 0); 1];
     let mut stats = Stats::default();
     loop {
-        match epoll::wait(epfd, COMMIT_INTERVAL.as_millis() as i32, &mut events) {
+        // An entry written but not flushed yet is made durable by the next step's flush, which
+        // should not wait: go on at once.
+        let timeout = if cursor.unflushed.is_some() {
+            0
+        } else {
+            COMMIT_INTERVAL.as_millis() as i32
+        };
+        match epoll::wait(epfd, timeout, &mut events) {
             Ok(_) => {
                 let _ = shared.kick.read();
             }
@@ -423,41 +446,50 @@ fn run(shared: &Shared, mut cursor: Cursor) {
             }
             continue;
         }
-        let wanted = st.requested > st.durable || !st.dirty.is_empty();
+        let wanted =
+            st.requested > st.durable || !st.dirty.is_empty() || cursor.unflushed.is_some();
         if !wanted {
             if st.shutdown {
                 break;
             }
             continue;
         }
-        // A flusher's data-only commit runs without the worker: let it finish first.
-        while st.committing {
-            st = shared.changed.wait(st).unwrap_or_else(|e| e.into_inner());
+        // A flusher's data-only commit runs without the worker: let it finish first. While an
+        // entry is unflushed the worker keeps `committing` set, so no such commit starts.
+        if cursor.unflushed.is_none() {
+            while st.committing {
+                st = shared.changed.wait(st).unwrap_or_else(|e| e.into_inner());
+            }
         }
         let generation = st.started + 1;
         st.started = generation;
         st.committing = true;
         drop(st);
-        let began = Instant::now();
-        let result = commit(shared, &mut cursor, &mut stats);
-        lock(shared).committing = false;
-        shared.changed.notify_all();
+        let result = step(shared, &mut cursor, generation, &mut stats);
+        let mut st = lock(shared);
         match result {
-            Ok(()) => {
-                let mut st = lock(shared);
-                st.durable = st.durable.max(generation);
+            Ok(durable) => {
+                st.committing = cursor.unflushed.is_some();
+                if let Some(g) = durable {
+                    st.durable = st.durable.max(g);
+                }
                 shared.changed.notify_all();
-                stats.commits += 1;
-                stats.commit_time += began.elapsed();
                 let waits = std::mem::take(&mut st.stats);
                 drop(st);
                 stats.waits += waits.waits;
                 stats.waited += waits.waited;
                 stats.longest_wait = stats.longest_wait.max(waits.longest_wait);
                 stats.report_if_due();
-                (shared.on_durable)(generation);
+                if let Some(g) = durable {
+                    (shared.on_durable)(g);
+                }
             }
-            Err(e) => poison(shared, e.to_string()),
+            Err(e) => {
+                st.committing = false;
+                drop(st);
+                cursor.unflushed = None;
+                poison(shared, e.to_string());
+            }
         }
     }
     let _ = epoll::close(epfd);
@@ -517,56 +549,107 @@ fn in_commit_order(pages: &dyn PageSource, dirty: BTreeSet<u64>) -> Vec<u64> {
     dirty
 }
 
-/// Flushes the file, adding the time it took to `spent`.
-fn timed_flush(storage: &dyn Storage, spent: &mut Duration, flushes: &mut u64) -> io::Result<()> {
-    let began = Instant::now();
-    let result = storage.flush();
-    *spent += began.elapsed();
-    *flushes += 1;
-    result
-}
-
-fn commit(shared: &Shared, cursor: &mut Cursor, stats: &mut Stats) -> io::Result<()> {
+/// One step of the worker, generation `generation`'s: returns the highest generation now
+/// durable, if this step made one so.
+///
+/// 1. Snapshot the dirty pages.
+/// 2. `fdatasync`. It makes durable at once: the data written before the snapshot (rule 2);
+///    the entry the previous step wrote, whose generation is durable now; and the in-place
+///    writes made before it, so their entry is no longer needed (rule 4).
+/// 3. Write the pages of the entry just made durable in place (rule 3: never before).
+/// 4. Log the snapshot, if it holds any page: write its entry (more rounds if it is large, each
+///    flushed as in 2 before the next is written). Its Tail is the entry whose pages 3 wrote,
+///    if any: those writes are not durable yet, so a replay must apply that entry again. The
+///    entry is left unflushed: the next step's flush makes it durable, together with the data
+///    of the next snapshot -- one flush per commit while commits follow each other.
+///
+/// A snapshot with no page is durable with this step's flush: nothing to log.
+fn step(
+    shared: &Shared,
+    cursor: &mut Cursor,
+    generation: u64,
+    stats: &mut Stats,
+) -> io::Result<Option<u64>> {
     let storage = &*shared.storage;
     // Step 1: snapshot. Everything the snapshot shows was written before it was published.
     let ops = snapshot(shared, stats)?;
-    stats.pages += ops.len() as u64;
-    // Step 2: data (and the previous commit's in-place writes) durable. The size read before
-    // the flush is durable after it (FlushedFileOffset); a concurrent allocation may grow the
-    // file meanwhile, which only LastFileOffset reflects.
-    let mut stable_size = storage.len()?;
-    timed_flush(storage, &mut stats.data_flush, &mut stats.flushes)?;
+    let had_entry = cursor.unflushed.is_some();
+    let mut durable = None;
+    // Step 2, 3.
+    let mut stable_size = flush_and_apply(shared, cursor, stats, !ops.is_empty(), &mut durable)?;
     if ops.is_empty() {
-        return Ok(());
+        stats.commits += 1;
+        return Ok(Some(generation));
     }
-    for (round, chunk) in ops.chunks(pages_per_entry(shared.log_length)).enumerate() {
+    stats.commits += 1;
+    stats.pages += ops.len() as u64;
+    stats.shared_flushes += u64::from(had_entry);
+    let per_entry = pages_per_entry(shared.log_length);
+    let rounds = ops.len().div_ceil(per_entry);
+    let mut ops = ops.into_iter();
+    for round in 0..rounds {
         if round > 0 {
-            // The previous round's in-place writes must be durable before its entry may be
-            // overwritten by a later one.
-            stable_size = storage.len()?;
-            timed_flush(storage, &mut stats.data_flush, &mut stats.flushes)?;
+            // The previous round is durable, and its pages in place, before this one is logged:
+            // rounds become durable in order.
+            stable_size = flush_and_apply(shared, cursor, stats, false, &mut durable)?;
         }
+        let chunk: Vec<LogOp> = ops.by_ref().take(per_entry).collect();
+        // Step 4.
         let file_size = storage.len()?;
         cursor.sequence += 1;
+        let tail = cursor.applied.unwrap_or(cursor.position);
         let entry = build_entry(
             shared.log_guid,
             cursor.sequence,
-            cursor.position,
+            tail,
             stable_size / MIB * MIB,
             align_up(file_size, MIB).unwrap_or(file_size),
-            chunk,
+            &chunk,
         );
         write_wrapped(shared, cursor.position, &terminated(entry.clone()))?;
-        timed_flush(storage, &mut stats.entry_flush, &mut stats.flushes)?;
         stats.entries += 1;
+        cursor.unflushed = Some(Unflushed {
+            position: cursor.position,
+            ops: chunk,
+            generation: (round + 1 == rounds).then_some(generation),
+        });
         cursor.position = (cursor.position + entry.len() as u64) % shared.log_length;
-        for op in chunk {
+    }
+    Ok(durable)
+}
+
+/// Steps 2 and 3 of [`step`]: flushes the file, then writes the pages of the entry that flush
+/// made durable in place. Returns the file size the flush made durable (FlushedFileOffset: a
+/// concurrent allocation may grow the file meanwhile, which only LastFileOffset reflects); a
+/// generation that became durable goes to `durable`.
+fn flush_and_apply(
+    shared: &Shared,
+    cursor: &mut Cursor,
+    stats: &mut Stats,
+    data: bool,
+    durable: &mut Option<u64>,
+) -> io::Result<u64> {
+    let storage = &*shared.storage;
+    let stable_size = storage.len()?;
+    let began = Instant::now();
+    storage.flush()?;
+    stats.flushes += 1;
+    stats.flush_time += began.elapsed();
+    stats.data_flushes += u64::from(data);
+    // Whatever was written in place before the flush is durable.
+    cursor.applied = None;
+    if let Some(entry) = cursor.unflushed.take() {
+        for op in &entry.ops {
             if let LogOp::Data { file_offset, data } = op {
                 storage.write_at(&data[..], *file_offset)?;
             }
         }
+        cursor.applied = Some(entry.position);
+        if entry.generation.is_some() {
+            *durable = entry.generation;
+        }
     }
-    Ok(())
+    Ok(stable_size)
 }
 
 /// An entry followed by one zero sector. qemu's log search takes any valid entry as the second
