@@ -2,24 +2,32 @@
 //!
 //! Writers change metadata in memory (the BAT, bitmap pages) and mark the 4 KiB pages they
 //! touched dirty, both inside one [`Change`]. The worker turns dirty pages into log entries in
-//! *commits*. One commit:
+//! *commits*, one generation each. A commit k:
 //!
 //! 1. snapshot the dirty pages' current contents, with no change in progress: a change that
 //!    touches several pages (a block's BAT entry and the bits it makes meaningless) is in one
 //!    commit whole, never split between two;
-//! 2. `fdatasync`: every data write published before the snapshot is durable (design rule 2),
-//!    and so are the in-place writes of the previous commit, so its log entry is no longer needed;
-//! 3. write an entry whose Tail is itself, `fdatasync` (rule 3) — now the commit is durable and
-//!    flushes waiting for it are released;
-//! 4. write the pages in place. They become durable with the next commit's step 2 (rule 4), and
-//!    until then a crash replays this entry.
+//! 2. `fdatasync`: every data write published before the snapshot is durable (design rule 2);
+//! 3. write entry k. It is durable after the next `fdatasync` (rule 3), and only then are its
+//!    waiters released and its pages written in place; those in-place writes are durable after
+//!    the `fdatasync` after that (rule 4), and until then a crash replays entry k.
 //!
-//! An entry is at most half the log, so writing entry k never touches entry k-1, the only one
-//! replay may still need; more dirty pages than fit take several rounds, each applied and
-//! flushed before the next is logged. A crash between rounds leaves the earlier rounds durable
-//! and the later ones not, so rounds go in the order [`PageSource::order`] gives: the pages
-//! that make others safe first. The log therefore never fills up: a large commit simply
-//! takes more rounds (back-pressure on the flushes waiting for it), never an error.
+//! The flushes are shared: commit k+1 takes its snapshot *before* the flush that makes entry k
+//! durable, so one `fdatasync` is step 2 of commit k+1 and step 3 of commit k, and a stream of
+//! commits (a busy `serve`) costs one flush each instead of two. When nothing is dirty the
+//! next commit logs nothing and is durable with that same flush. Replay stays right at every
+//! instant because an entry's Tail is its predecessor while the predecessor's in-place writes
+//! are not flushed yet (entry k+1 is written right after entry k's pages go in place): a crash
+//! then replays both, in order. An entry is at most half the log (its terminator included),
+//! so entry k+1 never touches entry k, and entry k+2, which may overwrite entry k, is written
+//! only after the flush that made k's in-place writes durable. FlushedFileOffset is the file
+//! size read before the flush that precedes the entry.
+//!
+//! More dirty pages than fit in one entry take several rounds, each flushed and applied before
+//! the next is logged. A crash between rounds leaves the earlier rounds durable and the later
+//! ones not, so rounds go in the order [`PageSource::order`] gives: the pages that make others
+//! safe first. The log therefore never fills up: a large commit simply takes more rounds
+//! (back-pressure on the flushes waiting for it), never an error.
 //!
 //! Any I/O error poisons the file: the worker stops writing and every waiter and later request
 //! gets the error.
@@ -41,7 +49,9 @@ use crate::vhdx::storage::Storage;
 /// Dirty metadata is committed at least this often even without a guest flush.
 pub const COMMIT_INTERVAL: Duration = Duration::from_secs(2);
 
-/// Supplies the current contents of a metadata page by file offset.
+/// Supplies the current contents of a metadata page by file offset. A page that was marked
+/// dirty must come from the in-memory truth, never from the file: the in-place writes of the
+/// last entry are made only after the next snapshot is taken.
 pub trait PageSource: Send + Sync {
     fn page(&self, file_offset: u64, out: &mut [u8; LOG_SECTOR_SIZE]) -> io::Result<()>;
 
