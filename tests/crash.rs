@@ -4,6 +4,12 @@
 //! 4 KiB, and opened again. Each must replay, check clean, give back every byte a completed
 //! flush covered, and never show a sector anything but a value the workload put there (or what
 //! it had before): no block ever reads another block's stale data.
+//!
+//! The serve-like runs batch ops as `serve`'s queue does (metadata waits deferred, one wait per
+//! batch, while the log worker commits concurrently, so commits follow each other and the
+//! pipelined order -- an entry's flush shared with the next commit's data -- is taken). They
+//! also check a kill at every point: the file exactly as written so far must give back every
+//! op whose batch completed.
 
 mod common;
 
@@ -15,6 +21,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use vhost_user_vhdx::vhdx::check;
 use vhost_user_vhdx::vhdx::create::{self, CreateOptions};
+use vhost_user_vhdx::vhdx::write::defer_metadata_waits;
 use vhost_user_vhdx::vhdx::{Chain, MemStorage, Storage, VhdxFile};
 
 const MIB: u64 = 1 << 20;
@@ -29,6 +36,8 @@ enum Mark {
     OpStart(usize),
     /// The flush of op `n` returned.
     FlushDone(usize),
+    /// Serve-like runs: ops up to `n` completed, their metadata durable in the log.
+    Completed(usize),
 }
 
 /// What a sector may hold: a tag names the op that wrote it (0 = zeros).
@@ -124,11 +133,14 @@ struct Mode {
     /// Commit the log after every metadata change (`VhdxFile::commit_every_change`), so that a
     /// crash point lies between any two metadata changes of one operation.
     commit_every_change: bool,
+    /// Run as `serve` does: waits for metadata deferred over batches of this many ops (0: no).
+    serve_batch: usize,
 }
 
 /// Runs the workload on a new file over `parent` (differencing) or alone, then enumerates the
 /// crash points.
-fn enumerate(seed: u64, mode: Mode) -> Outcome {
+/// Also returns how many log entries were chained to the one before ([`chained_entries`]).
+fn enumerate(seed: u64, mode: Mode) -> (Outcome, usize) {
     let differencing = mode.differencing;
     let mut rng = StdRng::seed_from_u64(seed);
     let dir = common::tempdir("crash-");
@@ -192,12 +204,20 @@ fn enumerate(seed: u64, mode: Mode) -> Outcome {
     // model[s] after each flush op, by op index.
     let mut model = vec![start_tag; (DISK / SECTOR) as usize];
     let mut snapshots: HashMap<usize, Vec<Tag>> = HashMap::new();
+    let mut completed: HashMap<usize, Vec<Tag>> = HashMap::new();
     {
-        let chain = open_chain(rec.clone(), true).unwrap();
+        let storage: Arc<dyn Storage> = if mode.serve_batch > 0 {
+            Arc::new(SlowFlush(rec.clone()))
+        } else {
+            rec.clone()
+        };
+        let chain = open_chain(storage, true).unwrap();
         chain.leaf().commit_every_change(mode.commit_every_change);
+        chain.leaf().wait_for_metadata(mode.serve_batch > 0);
+        let mut batch_generation = 0;
         for (i, op) in ops.iter().enumerate() {
             rec.mark(Mark::OpStart(i));
-            match *op {
+            let ((), generation) = defer_metadata_waits(|| match *op {
                 Op::Write { sector, count, tag } => {
                     let mut buf = Vec::with_capacity((count * SECTOR) as usize);
                     for s in sector..sector + count {
@@ -215,12 +235,24 @@ fn enumerate(seed: u64, mode: Mode) -> Outcome {
                     chain.flush().unwrap();
                     rec.mark(Mark::FlushDone(i));
                 }
+            });
+            batch_generation = batch_generation.max(generation);
+            if mode.serve_batch > 0 {
+                // Requests reach a queue one after another, not all at once: the log worker
+                // takes a commit's snapshot while the batch is still running.
+                std::thread::sleep(std::time::Duration::from_micros(200));
             }
             for (s, t) in effect(op) {
                 model[s as usize] = t;
             }
             if matches!(op, Op::Flush) {
                 snapshots.insert(i, model.clone());
+            }
+            if mode.serve_batch > 0 && (i + 1) % mode.serve_batch == 0 {
+                chain.leaf().wait_durable(batch_generation).unwrap();
+                batch_generation = 0;
+                rec.mark(Mark::Completed(i));
+                completed.insert(i, model.clone());
             }
         }
         rec.mark(Mark::OpStart(ops.len()));
@@ -237,16 +269,39 @@ fn enumerate(seed: u64, mode: Mode) -> Outcome {
     let mut base = Vec::new();
     let mut extra: HashMap<u64, Vec<Tag>> = HashMap::new();
     let mut out = Outcome::default();
+    // Serve-like runs: the file as a kill leaves it (every write so far), and what it must hold.
+    let mut killed = Arc::new(initial.clone());
+    let mut last_completed: Option<usize> = None;
+    let mut kill_base = Vec::new();
+    let mut kill_extra: HashMap<u64, Vec<Tag>> = HashMap::new();
     for_each_crash_point(&events, vec![initial], &mut rng, |i, variant, images| {
         if seen <= i {
             for e in &events[seen..=i] {
                 match e {
                     Event::Mark(Mark::OpStart(n)) => next_op = *n,
                     Event::Mark(Mark::FlushDone(n)) => last_flush_done = Some(*n),
+                    Event::Mark(Mark::Completed(n)) => last_completed = Some(*n),
                     _ => {}
+                }
+                if mode.serve_batch > 0 {
+                    apply(Arc::make_mut(&mut killed), e);
                 }
             }
             seen = i + 1;
+            if mode.serve_batch > 0 {
+                // A flush completes every op before it too.
+                let done = last_completed.max(last_flush_done);
+                kill_base = match done {
+                    Some(n) => completed.get(&n).unwrap_or_else(|| &snapshots[&n]).clone(),
+                    None => vec![start_tag; model.len()],
+                };
+                kill_extra.clear();
+                for op in &ops[done.map_or(0, |n| n + 1)..=next_op.min(ops.len() - 1)] {
+                    for (s, t) in effect(op) {
+                        kill_extra.entry(s).or_default().push(t);
+                    }
+                }
+            }
             base = match last_flush_done {
                 Some(f) => snapshots[&f].clone(),
                 None => vec![start_tag; model.len()],
@@ -264,8 +319,74 @@ fn enumerate(seed: u64, mode: Mode) -> Outcome {
             || format!("event {i} variant {variant}"),
             verify(img, &open_chain, &base, &extra, &parent_content),
         );
+        if mode.serve_batch > 0 && variant == 0 {
+            out.count(
+                || format!("event {i}, killed"),
+                verify(
+                    CrashImage::new(Arc::clone(&killed)),
+                    &open_chain,
+                    &kill_base,
+                    &kill_extra,
+                    &parent_content,
+                ),
+            );
+        }
     });
-    out
+    (out, chained_entries(&events))
+}
+
+/// The recording file with a flush that takes as long as a fast disk's: serve-like runs want
+/// the workload's next changes to land while the log worker flushes, as they do in `serve`.
+struct SlowFlush(Arc<Recorder<Mark>>);
+
+impl Storage for SlowFlush {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<usize> {
+        self.0.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
+        self.0.write_at(buf, offset)
+    }
+    fn flush(&self) -> std::io::Result<()> {
+        std::thread::sleep(std::time::Duration::from_millis(1));
+        self.0.flush()
+    }
+    fn len(&self) -> std::io::Result<u64> {
+        self.0.len()
+    }
+    fn set_len(&self, len: u64) -> std::io::Result<()> {
+        self.0.set_len(len)
+    }
+}
+
+/// A change in the record, applied to a whole file.
+fn apply(img: &mut Vec<u8>, e: &Event<Mark>) {
+    match e {
+        Event::Write(_, off, data) => {
+            let end = *off as usize + data.len();
+            if img.len() < end {
+                img.resize(end, 0);
+            }
+            img[*off as usize..end].copy_from_slice(data);
+        }
+        Event::SetLen(_, len) => img.resize(*len as usize, 0),
+        Event::Flush(_) | Event::Mark(_) => {}
+    }
+}
+
+/// Log entries written with a Tail before themselves: the previous entry's pages were written
+/// in place but not flushed yet, the order the log writer takes when one commit follows
+/// another at once. The log starts at 1 MiB in files `create` makes.
+fn chained_entries(events: &[Event<Mark>]) -> usize {
+    events
+        .iter()
+        .filter(|e| match e {
+            Event::Write(_, off, data) if data.starts_with(b"loge") && *off >= MIB => {
+                let tail = u32::from_le_bytes(data[12..16].try_into().unwrap());
+                u64::from(tail) != *off - MIB
+            }
+            _ => false,
+        })
+        .count()
 }
 
 fn verify(
@@ -313,7 +434,7 @@ fn verify(
 }
 
 fn run(seed: u64, mode: Mode) {
-    enumerate(seed, mode).assert_all_recovered("");
+    enumerate(seed, mode).0.assert_all_recovered("");
 }
 
 const NORMAL: Mode = Mode {
@@ -321,6 +442,7 @@ const NORMAL: Mode = Mode {
     ops: 1000,
     aligned: 0,
     commit_every_change: false,
+    serve_batch: 0,
 };
 
 #[test]
@@ -352,6 +474,7 @@ fn a_commit_between_any_two_metadata_changes_of_a_differencing_file_recovers() {
                 ops: 300,
                 aligned: 40,
                 commit_every_change: true,
+                serve_batch: 0,
             },
         );
     }
@@ -367,5 +490,32 @@ fn a_commit_between_any_two_metadata_changes_of_a_dynamic_file_recovers() {
             commit_every_change: true,
             ..NORMAL
         },
+    );
+}
+
+/// Ops batched as `serve`'s queue runs them, its log committing while they run: every crash
+/// point (commits that share a flush with the next one's data among them) recovers, and a kill
+/// at any point keeps every op whose batch completed.
+#[test]
+fn serve_like_batches_recover_from_a_crash_or_a_kill_at_every_point() {
+    let mut chained = 0;
+    for (seed, differencing) in [(6, false), (7, true)] {
+        let (outcome, n) = enumerate(
+            seed,
+            Mode {
+                differencing,
+                ops: 400,
+                aligned: 40,
+                serve_batch: 8,
+                ..NORMAL
+            },
+        );
+        println!("entries whose Tail is the entry before them: {n}");
+        outcome.assert_all_recovered("");
+        chained += n;
+    }
+    assert!(
+        chained > 0,
+        "no commit followed another closely enough to share its flush"
     );
 }

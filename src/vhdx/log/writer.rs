@@ -2,24 +2,32 @@
 //!
 //! Writers change metadata in memory (the BAT, bitmap pages) and mark the 4 KiB pages they
 //! touched dirty, both inside one [`Change`]. The worker turns dirty pages into log entries in
-//! *commits*. One commit:
+//! *commits*, one generation each. A commit k:
 //!
 //! 1. snapshot the dirty pages' current contents, with no change in progress: a change that
 //!    touches several pages (a block's BAT entry and the bits it makes meaningless) is in one
 //!    commit whole, never split between two;
-//! 2. `fdatasync`: every data write published before the snapshot is durable (design rule 2),
-//!    and so are the in-place writes of the previous commit, so its log entry is no longer needed;
-//! 3. write an entry whose Tail is itself, `fdatasync` (rule 3) — now the commit is durable and
-//!    flushes waiting for it are released;
-//! 4. write the pages in place. They become durable with the next commit's step 2 (rule 4), and
-//!    until then a crash replays this entry.
+//! 2. `fdatasync`: every data write published before the snapshot is durable (design rule 2);
+//! 3. write entry k. It is durable after the next `fdatasync` (rule 3), and only then are its
+//!    waiters released and its pages written in place; those in-place writes are durable after
+//!    the `fdatasync` after that (rule 4), and until then a crash replays entry k.
 //!
-//! An entry is at most half the log, so writing entry k never touches entry k-1, the only one
-//! replay may still need; more dirty pages than fit take several rounds, each applied and
-//! flushed before the next is logged. A crash between rounds leaves the earlier rounds durable
-//! and the later ones not, so rounds go in the order [`PageSource::order`] gives: the pages
-//! that make others safe first. The log therefore never fills up: a large commit simply
-//! takes more rounds (back-pressure on the flushes waiting for it), never an error.
+//! The flushes are shared: commit k+1 takes its snapshot *before* the flush that makes entry k
+//! durable, so one `fdatasync` is step 2 of commit k+1 and step 3 of commit k, and a stream of
+//! commits (a busy `serve`) costs one flush each instead of two. When nothing is dirty the
+//! next commit logs nothing and is durable with that same flush. Replay stays right at every
+//! instant because an entry's Tail is its predecessor while the predecessor's in-place writes
+//! are not flushed yet (entry k+1 is written right after entry k's pages go in place): a crash
+//! then replays both, in order. An entry is at most half the log (its terminator included),
+//! so entry k+1 never touches entry k, and entry k+2, which may overwrite entry k, is written
+//! only after the flush that made k's in-place writes durable. FlushedFileOffset is the file
+//! size read before the flush that precedes the entry.
+//!
+//! More dirty pages than fit in one entry take several rounds, each flushed and applied before
+//! the next is logged. A crash between rounds leaves the earlier rounds durable and the later
+//! ones not, so rounds go in the order [`PageSource::order`] gives: the pages that make others
+//! safe first. The log therefore never fills up: a large commit simply takes more rounds
+//! (back-pressure on the flushes waiting for it), never an error.
 //!
 //! Any I/O error poisons the file: the worker stops writing and every waiter and later request
 //! gets the error.
@@ -29,7 +37,7 @@ use std::io;
 use std::os::fd::AsRawFd;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock, RwLockReadGuard};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use uuid::Uuid;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -41,7 +49,9 @@ use crate::vhdx::storage::Storage;
 /// Dirty metadata is committed at least this often even without a guest flush.
 pub const COMMIT_INTERVAL: Duration = Duration::from_secs(2);
 
-/// Supplies the current contents of a metadata page by file offset.
+/// Supplies the current contents of a metadata page by file offset. A page that was marked
+/// dirty must come from the in-memory truth, never from the file: the in-place writes of the
+/// last entry are made only after the next snapshot is taken.
 pub trait PageSource: Send + Sync {
     fn page(&self, file_offset: u64, out: &mut [u8; LOG_SECTOR_SIZE]) -> io::Result<()>;
 
@@ -68,6 +78,63 @@ struct State {
     committing: bool,
     poisoned: Option<String>,
     shutdown: bool,
+    /// Changes marked since the last snapshot (for [`Stats`]).
+    changes: u64,
+    stats: Stats,
+}
+
+/// What the log did since its last report: printed at debug level about once a second while
+/// it works (`RUST_LOG=vhost_user_vhdx::vhdx::log::writer=debug`), so that the cost of a
+/// commit can be taken apart without a profiler.
+#[derive(Default)]
+struct Stats {
+    since: Option<Instant>,
+    /// Steps ([`step`]): each a generation, one flush at least.
+    commits: u64,
+    entries: u64,
+    pages: u64,
+    changes: u64,
+    flushes: u64,
+    flush_time: Duration,
+    /// Flushes made for data before an entry ...
+    data_flushes: u64,
+    /// ... and of those, how many also made the previous entry durable.
+    shared_flushes: u64,
+    /// Waits for a generation ([`Wal::wait_durable`]) and the time spent in them.
+    waits: u64,
+    waited: Duration,
+    longest_wait: Duration,
+}
+
+impl Stats {
+    fn report_if_due(&mut self) {
+        let since = *self.since.get_or_insert_with(Instant::now);
+        let elapsed = since.elapsed();
+        if elapsed < Duration::from_secs(1) || !log::log_enabled!(log::Level::Debug) {
+            return;
+        }
+        let per = |d: Duration, n: u64| d.as_micros() as u64 / n.max(1);
+        log::debug!(
+            "log: {:.0} steps/s, {} entries, {:.1} changes and {:.1} pages per entry; \
+             {} flushes of {} us avg, {} for data, {} of those also for an entry; \
+             {} waits, {} us avg, {} us longest",
+            self.commits as f64 / elapsed.as_secs_f64(),
+            self.entries,
+            self.changes as f64 / self.entries.max(1) as f64,
+            self.pages as f64 / self.entries.max(1) as f64,
+            self.flushes,
+            per(self.flush_time, self.flushes),
+            self.data_flushes,
+            self.shared_flushes,
+            self.waits,
+            per(self.waited, self.waits),
+            self.longest_wait.as_micros(),
+        );
+        *self = Stats {
+            since: Some(Instant::now()),
+            ..Stats::default()
+        };
+    }
 }
 
 struct Shared {
@@ -84,10 +151,24 @@ struct Shared {
     log_guid: Uuid,
 }
 
-/// Where the worker writes next; touched only by the worker thread.
+/// Where the worker writes next, and what it has written but not flushed; touched only by the
+/// worker thread.
 struct Cursor {
     position: u64,
     sequence: u64,
+    /// The newest entry, written but not flushed yet.
+    unflushed: Option<Unflushed>,
+    /// Where the entry whose pages were last written in place starts, until a flush makes
+    /// those writes durable: the next entry's Tail, so that a replay applies it again.
+    applied: Option<u64>,
+}
+
+/// An entry written but not flushed: its pages go in place once a flush makes it durable.
+struct Unflushed {
+    position: u64,
+    ops: Vec<LogOp>,
+    /// The generation it makes durable; `None` for a round of a commit other than its last.
+    generation: Option<u64>,
 }
 
 pub struct Wal {
@@ -121,6 +202,8 @@ impl Wal {
                 committing: false,
                 poisoned: None,
                 shutdown: false,
+                changes: 0,
+                stats: Stats::default(),
             }),
             cut: RwLock::new(()),
             changed: Condvar::new(),
@@ -146,6 +229,8 @@ impl Wal {
         let cursor = Cursor {
             position: empty.len() as u64,
             sequence: 1,
+            unflushed: None,
+            applied: None,
         };
         let worker = Arc::clone(&shared);
         let thread = std::thread::Builder::new()
@@ -229,13 +314,21 @@ impl Wal {
     /// generation already durable costs no more than a lock.
     pub fn wait_durable(&self, generation: u64) -> io::Result<()> {
         let mut st = lock(&self.shared);
+        let mut started = None;
         loop {
             if let Some(p) = &st.poisoned {
                 return Err(poison_error(p));
             }
             if st.durable >= generation {
+                if let Some(started) = started {
+                    let waited = Instant::elapsed(&started);
+                    st.stats.waits += 1;
+                    st.stats.waited += waited;
+                    st.stats.longest_wait = st.stats.longest_wait.max(waited);
+                }
                 return Ok(());
             }
+            started.get_or_insert_with(Instant::now);
             if st.requested < generation {
                 st.requested = generation;
                 let _ = self.shared.kick.write(1);
@@ -304,6 +397,7 @@ impl Change<'_> {
             return Err(poison_error(p));
         }
         st.dirty.extend(pages.iter().copied());
+        st.changes += u64::from(!pages.is_empty());
         Ok(st.started + 1)
     }
 }
@@ -336,8 +430,16 @@ fn run(shared: &Shared, mut cursor: Cursor) {
         return poison(shared, format!("epoll_ctl: {e}"));
     }
     let mut events = [epoll::Event::new(epoll::Events::empty(), 0); 1];
+    let mut stats = Stats::default();
     loop {
-        match epoll::wait(epfd, COMMIT_INTERVAL.as_millis() as i32, &mut events) {
+        // An entry written but not flushed yet is made durable by the next step's flush, which
+        // should not wait: go on at once.
+        let timeout = if cursor.unflushed.is_some() {
+            0
+        } else {
+            COMMIT_INTERVAL.as_millis() as i32
+        };
+        match epoll::wait(epfd, timeout, &mut events) {
             Ok(_) => {
                 let _ = shared.kick.read();
             }
@@ -354,33 +456,50 @@ fn run(shared: &Shared, mut cursor: Cursor) {
             }
             continue;
         }
-        let wanted = st.requested > st.durable || !st.dirty.is_empty();
+        let wanted =
+            st.requested > st.durable || !st.dirty.is_empty() || cursor.unflushed.is_some();
         if !wanted {
             if st.shutdown {
                 break;
             }
             continue;
         }
-        // A flusher's data-only commit runs without the worker: let it finish first.
-        while st.committing {
-            st = shared.changed.wait(st).unwrap_or_else(|e| e.into_inner());
+        // A flusher's data-only commit runs without the worker: let it finish first. While an
+        // entry is unflushed the worker keeps `committing` set, so no such commit starts.
+        if cursor.unflushed.is_none() {
+            while st.committing {
+                st = shared.changed.wait(st).unwrap_or_else(|e| e.into_inner());
+            }
         }
         let generation = st.started + 1;
         st.started = generation;
         st.committing = true;
         drop(st);
-        let result = commit(shared, &mut cursor);
-        lock(shared).committing = false;
-        shared.changed.notify_all();
+        let result = step(shared, &mut cursor, generation, &mut stats);
+        let mut st = lock(shared);
         match result {
-            Ok(()) => {
-                let mut st = lock(shared);
-                st.durable = st.durable.max(generation);
+            Ok(durable) => {
+                st.committing = cursor.unflushed.is_some();
+                if let Some(g) = durable {
+                    st.durable = st.durable.max(g);
+                }
                 shared.changed.notify_all();
+                let waits = std::mem::take(&mut st.stats);
                 drop(st);
-                (shared.on_durable)(generation);
+                stats.waits += waits.waits;
+                stats.waited += waits.waited;
+                stats.longest_wait = stats.longest_wait.max(waits.longest_wait);
+                stats.report_if_due();
+                if let Some(g) = durable {
+                    (shared.on_durable)(g);
+                }
             }
-            Err(e) => poison(shared, e.to_string()),
+            Err(e) => {
+                st.committing = false;
+                drop(st);
+                cursor.unflushed = None;
+                poison(shared, e.to_string());
+            }
         }
     }
     let _ = epoll::close(epfd);
@@ -415,9 +534,13 @@ fn pages_per_entry(log_length: u64) -> usize {
 /// The dirty pages and their contents, taken with no [`Change`] in progress, in the order of
 /// [`PageSource::order`]. Pages marked dirty after the generation was started but before the
 /// snapshot come along: durable sooner than promised, never later.
-fn snapshot(shared: &Shared) -> io::Result<Vec<LogOp>> {
+fn snapshot(shared: &Shared, stats: &mut Stats) -> io::Result<Vec<LogOp>> {
     let _cut = shared.cut.write().unwrap_or_else(|e| e.into_inner());
-    let dirty = in_commit_order(&*shared.pages, std::mem::take(&mut lock(shared).dirty));
+    let mut st = lock(shared);
+    stats.changes += std::mem::take(&mut st.changes);
+    let dirty = std::mem::take(&mut st.dirty);
+    drop(st);
+    let dirty = in_commit_order(&*shared.pages, dirty);
     let mut ops = Vec::with_capacity(dirty.len());
     for offset in dirty {
         let mut data = Box::new([0u8; LOG_SECTOR_SIZE]);
@@ -436,45 +559,107 @@ fn in_commit_order(pages: &dyn PageSource, dirty: BTreeSet<u64>) -> Vec<u64> {
     dirty
 }
 
-fn commit(shared: &Shared, cursor: &mut Cursor) -> io::Result<()> {
+/// One step of the worker, generation `generation`'s: returns the highest generation now
+/// durable, if this step made one so.
+///
+/// 1. Snapshot the dirty pages.
+/// 2. `fdatasync`. It makes durable at once: the data written before the snapshot (rule 2);
+///    the entry the previous step wrote, whose generation is durable now; and the in-place
+///    writes made before it, so their entry is no longer needed (rule 4).
+/// 3. Write the pages of the entry just made durable in place (rule 3: never before).
+/// 4. Log the snapshot, if it holds any page: write its entry (more rounds if it is large, each
+///    flushed as in 2 before the next is written). Its Tail is the entry whose pages 3 wrote,
+///    if any: those writes are not durable yet, so a replay must apply that entry again. The
+///    entry is left unflushed: the next step's flush makes it durable, together with the data
+///    of the next snapshot -- one flush per commit while commits follow each other.
+///
+/// A snapshot with no page is durable with this step's flush: nothing to log.
+fn step(
+    shared: &Shared,
+    cursor: &mut Cursor,
+    generation: u64,
+    stats: &mut Stats,
+) -> io::Result<Option<u64>> {
     let storage = &*shared.storage;
     // Step 1: snapshot. Everything the snapshot shows was written before it was published.
-    let ops = snapshot(shared)?;
-    // Step 2: data (and the previous commit's in-place writes) durable. The size read before
-    // the flush is durable after it (FlushedFileOffset); a concurrent allocation may grow the
-    // file meanwhile, which only LastFileOffset reflects.
-    let mut stable_size = storage.len()?;
-    storage.flush()?;
+    let ops = snapshot(shared, stats)?;
+    let had_entry = cursor.unflushed.is_some();
+    let mut durable = None;
+    // Step 2, 3.
+    let mut stable_size = flush_and_apply(shared, cursor, stats, !ops.is_empty(), &mut durable)?;
     if ops.is_empty() {
-        return Ok(());
+        stats.commits += 1;
+        return Ok(Some(generation));
     }
-    for (round, chunk) in ops.chunks(pages_per_entry(shared.log_length)).enumerate() {
+    stats.commits += 1;
+    stats.pages += ops.len() as u64;
+    stats.shared_flushes += u64::from(had_entry);
+    let per_entry = pages_per_entry(shared.log_length);
+    let rounds = ops.len().div_ceil(per_entry);
+    let mut ops = ops.into_iter();
+    for round in 0..rounds {
         if round > 0 {
-            // The previous round's in-place writes must be durable before its entry may be
-            // overwritten by a later one.
-            stable_size = storage.len()?;
-            storage.flush()?;
+            // The previous round is durable, and its pages in place, before this one is logged:
+            // rounds become durable in order.
+            stable_size = flush_and_apply(shared, cursor, stats, false, &mut durable)?;
         }
+        let chunk: Vec<LogOp> = ops.by_ref().take(per_entry).collect();
+        // Step 4.
         let file_size = storage.len()?;
         cursor.sequence += 1;
+        let tail = cursor.applied.unwrap_or(cursor.position);
         let entry = build_entry(
             shared.log_guid,
             cursor.sequence,
-            cursor.position,
+            tail,
             stable_size / MIB * MIB,
             align_up(file_size, MIB).unwrap_or(file_size),
-            chunk,
+            &chunk,
         );
         write_wrapped(shared, cursor.position, &terminated(entry.clone()))?;
-        storage.flush()?;
+        stats.entries += 1;
+        cursor.unflushed = Some(Unflushed {
+            position: cursor.position,
+            ops: chunk,
+            generation: (round + 1 == rounds).then_some(generation),
+        });
         cursor.position = (cursor.position + entry.len() as u64) % shared.log_length;
-        for op in chunk {
+    }
+    Ok(durable)
+}
+
+/// Steps 2 and 3 of [`step`]: flushes the file, then writes the pages of the entry that flush
+/// made durable in place. Returns the file size the flush made durable (FlushedFileOffset: a
+/// concurrent allocation may grow the file meanwhile, which only LastFileOffset reflects); a
+/// generation that became durable goes to `durable`.
+fn flush_and_apply(
+    shared: &Shared,
+    cursor: &mut Cursor,
+    stats: &mut Stats,
+    data: bool,
+    durable: &mut Option<u64>,
+) -> io::Result<u64> {
+    let storage = &*shared.storage;
+    let stable_size = storage.len()?;
+    let began = Instant::now();
+    storage.flush()?;
+    stats.flushes += 1;
+    stats.flush_time += began.elapsed();
+    stats.data_flushes += u64::from(data);
+    // Whatever was written in place before the flush is durable.
+    cursor.applied = None;
+    if let Some(entry) = cursor.unflushed.take() {
+        for op in &entry.ops {
             if let LogOp::Data { file_offset, data } = op {
                 storage.write_at(&data[..], *file_offset)?;
             }
         }
+        cursor.applied = Some(entry.position);
+        if entry.generation.is_some() {
+            *durable = entry.generation;
+        }
     }
-    Ok(())
+    Ok(stable_size)
 }
 
 /// An entry followed by one zero sector. qemu's log search takes any valid entry as the second
