@@ -8,7 +8,8 @@
 //! lengths meet the file's O_DIRECT alignment; the rest keeps the synchronous bounce path.
 //! Everything else (first-touch writes, partial differencing writes, discard, write-zeroes,
 //! flush, get-id, malformed requests, writes under write-through) runs synchronously through
-//! [`Requests`], as before. A flush run when popped covers every write the guest saw complete:
+//! [`Requests`], as before; one that changed metadata not yet durable is held back
+//! ([`crate::held`]) while the requests behind it run, as the one-at-a-time path does. A flush run when popped covers every write the guest saw complete:
 //! their data went to the same file descriptors, which the engine's flush fdatasyncs.
 //!
 //! Before running any request synchronously the queue completes its own asynchronous I/O, so
@@ -38,12 +39,13 @@ use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryMmap, Permissions};
 
 use crate::guest_io::{GuestBuffers, IOV_MAX};
 use crate::guest_memory;
+use crate::held::Held;
 use crate::io::{AsyncIo, Completion, Op, OpKind};
 use crate::queue::{Outcome, Popped, Queue, QueueServer};
 use crate::requests::{overlaps, Requests};
 use crate::vhdx::chain::{Extents, ReadSource};
 use crate::vhdx::direct::{DirectFile, GateGuard};
-use crate::vhdx::write::WriteGuard;
+use crate::vhdx::write::{defer_metadata_waits, WriteGuard};
 use crate::vhdx::ReadTarget;
 use crate::virtio_blk::{self, Kind};
 
@@ -94,6 +96,8 @@ pub struct AsyncQueue {
     finished: Vec<(u16, Outcome)>,
     /// Requests completed into the used ring since the driver was last signalled.
     unsignalled: usize,
+    /// Requests run one at a time whose metadata change is not durable yet.
+    held: Held,
     /// Requests served so far: reads and writes in flight, and one at a time (for the log).
     counts: [u64; 3],
 }
@@ -110,6 +114,7 @@ impl AsyncQueue {
             done: Vec::new(),
             finished: Vec::new(),
             unsignalled: 0,
+            held: Held::default(),
             counts: [0; 3],
         }
     }
@@ -132,15 +137,26 @@ impl AsyncQueue {
                 Start::Sync => {
                     self.counts[2] += 1;
                     self.drain(queue);
-                    let outcome = self.requests.run_popped(&p);
+                    // A first touch (or a write relying on one) waits for its commit held
+                    // aside, not here: the requests behind it run meanwhile and share it.
+                    let (outcome, generation) =
+                        defer_metadata_waits(|| self.requests.run_popped(&p));
+                    if generation > 0 {
+                        self.held.hold(p, outcome, generation);
+                        continue;
+                    }
                     self.finish(queue, p.head, outcome);
                 }
+            }
+            if self.held.passed_one() {
+                self.complete_held(queue);
             }
             if self.unsignalled >= EARLY_SIGNAL_AFTER {
                 self.signal(queue);
             }
         }
         self.commit();
+        self.complete_held(queue);
         // Whatever finished meanwhile goes out with this batch's signal.
         self.reap_ready(queue);
         if self.unsignalled > 0 {
@@ -246,6 +262,11 @@ impl AsyncQueue {
         if queue.complete(head, outcome, false) {
             self.unsignalled += 1;
         }
+    }
+
+    /// Completes the held requests once their metadata is in the log.
+    fn complete_held(&mut self, queue: &Arc<Queue>) {
+        self.unsignalled += self.held.complete(&self.requests, queue);
     }
 
     fn signal(&mut self, queue: &Arc<Queue>) {

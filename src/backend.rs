@@ -20,8 +20,9 @@ use zerocopy::{Immutable, IntoBytes, KnownLayout};
 
 use crate::async_requests::AsyncQueue;
 use crate::helper_pool::HelperPool;
-use crate::queue::{Outcome, Popped, Queue, QueueServer};
+use crate::queue::{Popped, Queue, QueueServer};
 use crate::requests::{Requests, MAX_DISCARD_SECTORS};
+use crate::held::Held;
 use crate::vhdx::write::defer_metadata_waits;
 use crate::vhdx::Chain;
 use crate::virtio_blk::{self, Descriptor};
@@ -285,16 +286,11 @@ impl BlockDevice {
                 }
                 let (outcome, generation) = defer_metadata_waits(|| self.requests.run_popped(&p));
                 if generation > 0 {
-                    held.generation = held.generation.max(generation);
-                    held.requests.push((p, outcome));
+                    held.hold(p, outcome, generation);
                     continue;
                 }
-                // A driver that keeps the ring busy must not keep held requests waiting.
-                if !held.requests.is_empty() {
-                    held.passed += 1;
-                    if held.passed >= HOLD_AT_MOST {
-                        self.complete_held(queue, &mut held);
-                    }
+                if held.passed_one() {
+                    self.complete_held(queue, &mut held);
                 }
                 if queue.complete(p.head, outcome, false) {
                     completed += 1;
@@ -316,25 +312,11 @@ impl BlockDevice {
         }
     }
 
-    /// Waits until the held requests' metadata is in the log, then completes them; if it
-    /// cannot be (the image is unusable after an I/O error), they fail.
+    /// Completes the held requests once their metadata is in the log ([`Held::complete`]).
     fn complete_held(&self, queue: &Queue, held: &mut Held) {
-        if held.requests.is_empty() {
-            return;
+        if held.complete(&self.requests, queue) > 0 {
+            queue.signal_if_needed();
         }
-        let result = self.requests.chain.leaf().wait_durable(held.generation);
-        if let Err(e) = &result {
-            log::error!("requests failed: their metadata could not be committed: {e}");
-        }
-        for (p, outcome) in held.requests.drain(..) {
-            if result.is_err() {
-                self.requests.fail_status(&p);
-            }
-            queue.complete(p.head, outcome, false);
-        }
-        held.generation = 0;
-        held.passed = 0;
-        queue.signal_if_needed();
     }
 
     /// Runs `first` and every request available after it as one batch, on this thread and
@@ -398,18 +380,6 @@ impl BlockDevice {
     }
 }
 
-/// Requests done but held back until their metadata change is durable.
-#[derive(Default)]
-struct Held {
-    requests: Vec<(Popped, Outcome)>,
-    /// The highest WAL generation they wait for.
-    generation: u64,
-    /// Requests completed since the oldest of them was held.
-    passed: usize,
-}
-
-/// Held requests are completed at the latest after this many others have been.
-const HOLD_AT_MOST: usize = 64;
 
 /// Bytes of a request's device-writable descriptors: a read's data (and its status byte).
 fn read_bytes(descs: &[Descriptor]) -> u64 {

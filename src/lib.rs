@@ -8,6 +8,7 @@ pub mod daemon;
 pub mod guest_io;
 pub mod guest_memory;
 pub mod handler;
+pub mod held;
 pub mod helper_pool;
 pub mod inflight;
 pub mod io;
