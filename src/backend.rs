@@ -19,10 +19,10 @@ use zerocopy::little_endian::{U16, U32, U64};
 use zerocopy::{Immutable, IntoBytes, KnownLayout};
 
 use crate::async_requests::AsyncQueue;
+use crate::held::Held;
 use crate::helper_pool::HelperPool;
 use crate::queue::{Popped, Queue, QueueServer};
 use crate::requests::{Requests, MAX_DISCARD_SECTORS};
-use crate::held::Held;
 use crate::vhdx::write::defer_metadata_waits;
 use crate::vhdx::Chain;
 use crate::virtio_blk::{self, Descriptor};
@@ -379,7 +379,6 @@ impl BlockDevice {
         self.requests.execute(mem, descs)
     }
 }
-
 
 /// Bytes of a request's device-writable descriptors: a read's data (and its status byte).
 fn read_bytes(descs: &[Descriptor]) -> u64 {
