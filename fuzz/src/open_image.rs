@@ -22,7 +22,7 @@ const READ_LIMIT: u64 = 8 << 20;
 fn fix_checksums(image: &mut Pages) {
     for (at, len) in [(64, 4), (128, 4), (192, 64), (256, 64)] {
         let (at, len) = (at << 10, len << 10);
-        if image.len() >= at + len {
+        if image.size() >= at + len {
             let mut buf = vec![0u8; len as usize];
             image.read(&mut buf, at);
             let crc = checksum_with_field_zeroed(&buf, 4);

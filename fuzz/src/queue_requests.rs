@@ -90,9 +90,9 @@ fn in_file(image: &Pages) -> std::fs::File {
         .open(&path)
         .unwrap();
     std::fs::remove_file(&path).unwrap();
-    file.set_len(image.len()).unwrap();
+    file.set_len(image.size()).unwrap();
     for (at, page) in image.pages() {
-        let n = page.len().min((image.len() - at) as usize);
+        let n = page.len().min((image.size() - at) as usize);
         file.write_all_at(&page[..n], at).unwrap();
     }
     file

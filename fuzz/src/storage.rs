@@ -48,7 +48,8 @@ impl Pages {
         }
     }
 
-    pub fn len(&self) -> u64 {
+    /// The file's length (a `len` would want an `is_empty` too).
+    pub fn size(&self) -> u64 {
         self.len
     }
 
