@@ -200,6 +200,27 @@ const FULLY_PRESENT: u64 = 6;
 const PARTIALLY_PRESENT: u64 = 7;
 const SB_PRESENT: u64 = 6;
 
+/// With `VHDX_HOSTILE_DUMP=<dir>`, every damaged file a case saves is also copied there, named
+/// after the case, for the fuzzer's seed corpus (`fuzz/seeds/hostile/`, see fuzz/README.md).
+/// Off in ordinary runs.
+fn dump_for_fuzzing(bytes: &[u8]) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    static SAVED: AtomicUsize = AtomicUsize::new(0);
+    let Some(dir) = std::env::var_os("VHDX_HOSTILE_DUMP") else {
+        return;
+    };
+    let case = std::thread::current()
+        .name()
+        .unwrap_or("case")
+        .rsplit("::")
+        .next()
+        .unwrap_or("case")
+        .to_string();
+    let n = SAVED.fetch_add(1, Ordering::Relaxed);
+    let path = Path::new(&dir).join(format!("{case}-{n}.vhdx"));
+    std::fs::write(&path, bytes).unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
+}
+
 /// A whole VHDX file in memory, edited field by field and written back.
 #[derive(Clone)]
 struct Raw {
@@ -219,6 +240,7 @@ impl Raw {
     fn save(&self) {
         std::fs::write(&self.path, &self.b)
             .unwrap_or_else(|e| panic!("write {}: {e}", self.path.display()));
+        dump_for_fuzzing(&self.b);
     }
 
     fn len(&self) -> u64 {

@@ -12,7 +12,7 @@ use vhost_user_vhdx::vhdx::log::entry::parse_entry;
 use vhost_user_vhdx::vhdx::log::replay::{apply, find_active_sequence};
 use vhost_user_vhdx::vhdx::Storage;
 
-use crate::storage::Capped;
+use crate::storage::{Capped, Pages};
 
 const MAX_LOG: usize = 1 << 20;
 /// Where the log sits in the file (as in files we create).
@@ -31,7 +31,7 @@ pub fn run(data: &[u8]) {
             black_box(e.sequence_number);
         }
     }
-    let storage = Capped::new(vec![0u8; LOG_OFFSET as usize]);
+    let storage = Capped::from_pages(Pages::zeros(LOG_OFFSET));
     if storage.write_at(&log, LOG_OFFSET).is_err() {
         return;
     }

@@ -12,31 +12,33 @@ use vhost_user_vhdx::vhdx::format::checksum_with_field_zeroed;
 use vhost_user_vhdx::vhdx::{check, Chain, Storage, VhdxFile};
 
 use crate::sparse;
-use crate::storage::Capped;
+use crate::storage::{Capped, Pages};
 
 /// Reads at most this much of the virtual disk per open (a hostile size may be 64 TiB).
 const READ_LIMIT: u64 = 8 << 20;
 
 /// Headers (4 KiB) at 64 and 128 KiB, region tables (64 KiB) at 192 and 256 KiB; each has
 /// its CRC-32C at byte 4.
-fn fix_checksums(image: &mut [u8]) {
+fn fix_checksums(image: &mut Pages) {
     for (at, len) in [(64, 4), (128, 4), (192, 64), (256, 64)] {
         let (at, len) = (at << 10, len << 10);
-        if image.len() >= at + len {
-            let crc = checksum_with_field_zeroed(&image[at..at + len], 4);
-            image[at + 4..at + 8].copy_from_slice(&crc.to_le_bytes());
+        if image.size() >= at + len {
+            let mut buf = vec![0u8; len as usize];
+            image.read(&mut buf, at);
+            let crc = checksum_with_field_zeroed(&buf, 4);
+            image.write(&crc.to_le_bytes(), at + 4);
         }
     }
 }
 
 pub fn run(data: &[u8]) {
-    let mut image = sparse::decode(data);
+    let mut image = sparse::decode_pages(data);
     if data.len() >= 4 && data[3] & 0x80 != 0 {
         fix_checksums(&mut image);
     }
     let path = PathBuf::from("/fuzz/image.vhdx");
     // Read-only: a dirty log is replayed in memory.
-    let storage: Arc<dyn Storage> = Arc::new(Capped::new(image.clone()));
+    let storage: Arc<dyn Storage> = Arc::new(Capped::from_pages(image.clone()));
     match VhdxFile::open_storage(storage, path.clone(), false) {
         Ok(file) => read_and_check(file),
         Err(e) => {
@@ -44,7 +46,7 @@ pub fn run(data: &[u8]) {
         }
     }
     // Writable: the log is replayed into the file, which must then open clean again.
-    let storage = Arc::new(Capped::new(image));
+    let storage = Arc::new(Capped::from_pages(image));
     if let Ok(file) = VhdxFile::open_storage(storage.clone(), path.clone(), true) {
         black_box(file.close().is_ok());
         if let Ok(again) = VhdxFile::open_storage(storage, path, false) {

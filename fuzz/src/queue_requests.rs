@@ -37,7 +37,7 @@ use vhost_user_vhdx::vhdx::create::{create_on, CreateOptions};
 use vhost_user_vhdx::vhdx::{Chain, Storage, VhdxFile};
 use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryMmap, VolatileSlice};
 
-use crate::storage::Capped;
+use crate::storage::{Capped, Pages};
 
 /// Guest memory; the usual ring layout is at its start, request buffers after [`DATA`].
 const MEM: u64 = 1 << 20;
@@ -53,8 +53,8 @@ const F_WRITE: u16 = 2;
 const F_INDIRECT: u16 = 4;
 
 /// A new image, made once per process and copied for each input.
-pub fn small_image(logical_sector_size: u32) -> Vec<u8> {
-    static IMAGES: OnceLock<[Vec<u8>; 2]> = OnceLock::new();
+pub fn small_image(logical_sector_size: u32) -> Pages {
+    static IMAGES: OnceLock<[Pages; 2]> = OnceLock::new();
     let images = IMAGES.get_or_init(|| {
         [512, 4096].map(|lss| {
             let storage = Capped::default();
@@ -68,14 +68,14 @@ pub fn small_image(logical_sector_size: u32) -> Vec<u8> {
                 },
             )
             .unwrap();
-            storage.to_bytes()
+            storage.to_pages()
         })
     });
     images[usize::from(logical_sector_size == 4096)].clone()
 }
 
 /// The image in an unlinked temporary file: only its non-zero pages are written.
-fn in_file(image: &[u8]) -> std::fs::File {
+fn in_file(image: &Pages) -> std::fs::File {
     use std::os::unix::fs::FileExt;
     let path = std::env::temp_dir().join(format!(
         "vhdx-fuzz-{}-{:?}",
@@ -90,11 +90,10 @@ fn in_file(image: &[u8]) -> std::fs::File {
         .open(&path)
         .unwrap();
     std::fs::remove_file(&path).unwrap();
-    file.set_len(image.len() as u64).unwrap();
-    for (i, page) in image.chunks(4096).enumerate() {
-        if page.iter().any(|&b| b != 0) {
-            file.write_all_at(page, i as u64 * 4096).unwrap();
-        }
+    file.set_len(image.size()).unwrap();
+    for (at, page) in image.pages() {
+        let n = page.len().min((image.size() - at) as usize);
+        file.write_all_at(&page[..n], at).unwrap();
     }
     file
 }
@@ -398,7 +397,7 @@ fn drive(mut u: Unstructured) -> Result<()> {
     let storage: Arc<dyn Storage> = if plain_file {
         Arc::new(in_file(&small_image(lss)))
     } else {
-        Arc::new(Capped::new(small_image(lss)))
+        Arc::new(Capped::from_pages(small_image(lss)))
     };
     let file = VhdxFile::open_storage(storage, PathBuf::from("/fuzz/disk.vhdx"), true)
         .expect("a new image opens");

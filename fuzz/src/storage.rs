@@ -31,13 +31,31 @@ impl Pages {
             len: bytes.len() as u64,
         };
         for (i, chunk) in bytes.chunks(PAGE as usize).enumerate() {
-            if chunk.iter().any(|&b| b != 0) {
+            if !crate::uniform(chunk, 0) {
                 let mut page = Box::new([0u8; PAGE as usize]);
                 page[..chunk.len()].copy_from_slice(chunk);
                 p.pages.insert(i as u64 * PAGE, page);
             }
         }
         p
+    }
+
+    /// An empty file of `len` bytes (all zeros).
+    pub fn zeros(len: u64) -> Pages {
+        Pages {
+            pages: BTreeMap::new(),
+            len,
+        }
+    }
+
+    /// The file's length (a `len` would want an `is_empty` too).
+    pub fn size(&self) -> u64 {
+        self.len
+    }
+
+    /// The pages held (offset, 4 KiB), in order; the last may reach past the length.
+    pub fn pages(&self) -> impl Iterator<Item = (u64, &[u8])> {
+        self.pages.iter().map(|(&at, p)| (at, &p[..]))
     }
 
     pub fn to_bytes(&self) -> Vec<u8> {
@@ -63,7 +81,7 @@ impl Pages {
         })
     }
 
-    fn read(&self, buf: &mut [u8], offset: u64) -> usize {
+    pub fn read(&self, buf: &mut [u8], offset: u64) -> usize {
         for (at, page, within, n) in Self::pieces(offset, buf.len()) {
             match self.pages.get(&page) {
                 Some(p) => buf[at..at + n].copy_from_slice(&p[within..within + n]),
@@ -73,13 +91,19 @@ impl Pages {
         buf.len().min(self.len.saturating_sub(offset) as usize)
     }
 
-    fn write(&mut self, buf: &[u8], offset: u64) {
+    pub fn write(&mut self, buf: &[u8], offset: u64) {
         for (at, page, within, n) in Self::pieces(offset, buf.len()) {
+            let piece = &buf[at..at + n];
+            // Zeros into a page that is not there change nothing (a log's zero descriptors,
+            // a writer zeroing a new block): no page for them.
+            if !self.pages.contains_key(&page) && crate::uniform(piece, 0) {
+                continue;
+            }
             let p = self
                 .pages
                 .entry(page)
                 .or_insert_with(|| Box::new([0u8; PAGE as usize]));
-            p[within..within + n].copy_from_slice(&buf[at..at + n]);
+            p[within..within + n].copy_from_slice(piece);
         }
         self.len = self.len.max(offset + buf.len() as u64);
     }
@@ -107,8 +131,16 @@ impl Capped {
         Capped(Mutex::new(Pages::from_bytes(&bytes)))
     }
 
+    pub fn from_pages(pages: Pages) -> Self {
+        Capped(Mutex::new(pages))
+    }
+
     pub fn to_bytes(&self) -> Vec<u8> {
         self.0.lock().unwrap().to_bytes()
+    }
+
+    pub fn to_pages(&self) -> Pages {
+        self.0.lock().unwrap().clone()
     }
 }
 

@@ -15,7 +15,7 @@ use arbitrary::{Arbitrary, Result, Unstructured};
 use vhost_user_vhdx::vhdx::{check, Chain, VhdxFile};
 
 use crate::queue_requests::small_image;
-use crate::storage::{Crashable, Pages};
+use crate::storage::Crashable;
 
 const DISK: u64 = 4 << 20;
 const BLOCK: u64 = 1 << 20;
@@ -78,7 +78,7 @@ impl Model {
     /// After a crash and reopen: the disk read is the new truth, if allowed.
     fn after_crash(&mut self, disk: &[u8]) {
         for (s, got) in disk.chunks(self.lss as usize).enumerate() {
-            let allowed = |v: u8| got.iter().all(|&b| b == v);
+            let allowed = |v: u8| crate::uniform(got, v);
             assert!(
                 allowed(self.flushed[s]) || self.since[s].iter().any(|&v| allowed(v)),
                 "sector {s} after a crash holds {:02x?}…; flushed {:#x}, written since {:x?}",
@@ -94,7 +94,7 @@ impl Model {
     fn exact(&self, disk: &[u8]) {
         for (s, got) in disk.chunks(self.lss as usize).enumerate() {
             assert!(
-                got.iter().all(|&b| b == self.now[s]),
+                crate::uniform(got, self.now[s]),
                 "sector {s} holds {:02x?}…, the model {:#x}",
                 &got[..16],
                 self.now[s]
@@ -152,7 +152,7 @@ fn drive(u: &mut Unstructured) -> Result<()> {
         flushed: vec![0; sectors as usize],
         since: vec![Vec::new(); sectors as usize],
     };
-    let mut storage = Arc::new(Crashable::new(Pages::from_bytes(&small_image(lss as u32))));
+    let mut storage = Arc::new(Crashable::new(small_image(lss as u32)));
     let mut chain = open(storage.clone(), commit_each);
     for op in ops {
         match op {

@@ -1,7 +1,12 @@
-//! Writes seed corpora: `make_seeds <corpus dir> [fixture.vhdx.gz ...]` fills
+//! Writes seed corpora: `make_seeds <corpus dir> [fixture.vhdx.gz | seed dir ...]` fills
 //! `<dir>/<target>/` for every target. Images are made here (dynamic, fixed, 4K sectors, a
-//! differencing file with its locator, a file with a log to replay) and taken from the
-//! fixtures given; the log target gets each dirty image's log.
+//! differencing file with its locator, a file with a log to replay), taken from the fixtures
+//! given (gzipped images) and from seed folders (images already in the fuzzer's sparse
+//! encoding, such as `seeds/hostile/`: the damaged files of the main crate's `tests/hostile.rs`);
+//! the log target gets each image's log.
+//!
+//! `make_seeds --encode <out dir> <image ...>` writes images in the sparse encoding (how
+//! `seeds/hostile/` is made; see README.md).
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -39,8 +44,37 @@ fn dirty(mut bytes: Vec<u8>) -> Vec<u8> {
     out
 }
 
+/// The sparse encoding of `bytes`, or None if it would be too large to be a useful seed (a
+/// damaged file with whole blocks of data: libFuzzer mutates small inputs best).
+fn encode_seed(bytes: &[u8]) -> Option<Vec<u8>> {
+    let seed = sparse::encode(bytes);
+    (seed.len() <= MAX_SEED).then_some(seed)
+}
+
+/// Seeds larger than this are left out.
+const MAX_SEED: usize = 64 << 10;
+
+fn encode_files(out: &Path, files: &[String]) {
+    std::fs::create_dir_all(out).unwrap();
+    for f in files {
+        let bytes = std::fs::read(f).unwrap_or_else(|e| panic!("{f}: {e}"));
+        let name = Path::new(f)
+            .file_stem()
+            .unwrap()
+            .to_string_lossy()
+            .to_string();
+        match encode_seed(&bytes) {
+            Some(seed) => std::fs::write(out.join(name), seed).unwrap(),
+            None => eprintln!("{f}: left out (its encoding is over {MAX_SEED} bytes)"),
+        }
+    }
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some("--encode") {
+        return encode_files(Path::new(&args[2]), &args[3..]);
+    }
     let dir = PathBuf::from(&args[1]);
     let small = |lss: u32, subformat: Subformat| CreateOptions {
         virtual_size: Some(4 << 20),
@@ -87,6 +121,18 @@ fn main() {
     images.push(("differencing".into(), std::fs::read(&child).unwrap()));
     std::fs::remove_dir_all(&tmp).unwrap();
     for f in &args[2..] {
+        if Path::new(f).is_dir() {
+            let mut seeds: Vec<_> = std::fs::read_dir(f)
+                .unwrap()
+                .map(|e| e.unwrap().path())
+                .collect();
+            seeds.sort();
+            for s in seeds {
+                let name = s.file_name().unwrap().to_string_lossy().to_string();
+                images.push((name, sparse::decode(&std::fs::read(&s).unwrap())));
+            }
+            continue;
+        }
         let mut gz = flate2::read::GzDecoder::new(std::fs::File::open(f).unwrap());
         let mut bytes = Vec::new();
         gz.read_to_end(&mut bytes).unwrap();
@@ -125,7 +171,7 @@ fn main() {
         .iter()
         .enumerate()
     {
-        for t in ["virtio_parse", "queue_requests", "write_model"] {
+        for t in ["virtio_parse", "queue_requests", "write_model", "restart"] {
             put(&dir, t, &format!("plain-{i}"), seed);
         }
     }
