@@ -416,10 +416,24 @@ def targets(med, jobs):
     if have("4k-randwrite-qd32", "ours-direct", "qsd-direct-uring"):
         check("--cache none 4 KiB random write QD32 vs qsd-direct-uring",
               direct_ratio("4k-randwrite-qd32", "qsd-direct-uring"), 1.0)
+    if have("1m-seqread-qd8", "ours-direct", "qsd-direct-uring", "qsd-direct-threads"):
+        best = max(med("1m-seqread-qd8", b, "iops")
+                   for b in ("qsd-direct-uring", "qsd-direct-threads"))
+        check("--cache none 1 MiB sequential read QD8 vs qsd's better mode",
+              med("1m-seqread-qd8", "ours-direct", "iops") / max(best, 1e-9), 1.0)
     # The page-cache targets compare ours (writeback).
     have = lambda job, *b: job in jobs and all(x in BACKENDS for x in ("ours",) + b)
     if have("4k-randread-qd32", "qsd-vhdx"):
         check("4 KiB random read vs qsd-vhdx", ratio("4k-randread-qd32", "qsd-vhdx"), 1.3)
+    if have("4k-randread-qd32-1q", "qsd-vhdx"):
+        check("4 KiB random read QD32, one queue, vs qsd-vhdx",
+              ratio("4k-randread-qd32-1q", "qsd-vhdx"), 1.3)
+    if have("4k-randread-qd1", "qsd-vhdx"):
+        # Latency: lower is better, so qsd's p50 over ours must reach 1 / 0.7.
+        p50 = med("4k-randread-qd1", "ours", "p50_us")
+        check("4 KiB random read QD1 p50 latency, qsd-vhdx / ours",
+              med("4k-randread-qd1", "qsd-vhdx", "p50_us") / max(p50, 1e-9), round(1 / 0.7, 2),
+              "  [ours <= 0.7x qsd's]")
     if have("4k-randread-qd32", "qsd-raw"):
         check("4 KiB random read vs qsd-raw", ratio("4k-randread-qd32", "qsd-raw"), 1.0)
     if have("4k-firsttouch-qd32-flush64", "qsd-vhdx"):
