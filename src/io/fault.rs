@@ -118,6 +118,17 @@ impl AsyncIo for FaultyIo {
         unsafe { self.inner.submit(op, token) }
     }
 
+    unsafe fn run_now(&mut self, op: Op) -> io::Result<usize> {
+        let fail = self.plan.hits(op.kind);
+        // SAFETY: the caller's contract, passed on unchanged.
+        let result = unsafe { self.inner.run_now(op) };
+        if fail {
+            log::warn!("--debug-inject-eio: failing this operation");
+            return Err(io::Error::from_raw_os_error(libc::EIO));
+        }
+        result
+    }
+
     fn commit(&mut self) -> io::Result<()> {
         self.inner.commit()
     }

@@ -148,6 +148,15 @@ pub trait AsyncIo: Send {
     /// Every buffer of `op` must stay valid (and, for a read, not be read or written by anyone
     /// else) until the token has come back from `reap`; `fd` must stay open until then.
     unsafe fn submit(&mut self, op: Op, token: u64) -> Result<(), Op>;
+    /// Runs `op` on the calling thread, now, and returns its result: for transfers that only
+    /// copy into the page cache, where handing them to another thread (a worker, or io_uring's
+    /// io-wq, where buffered writes to most filesystems go) costs more than the copy.
+    ///
+    /// # Safety
+    /// As [`AsyncIo::submit`], until this returns.
+    unsafe fn run_now(&mut self, mut op: Op) -> io::Result<usize> {
+        threads::run(&mut op)
+    }
     /// Hands every queued operation to the kernel or the workers (one syscall for a batch).
     fn commit(&mut self) -> io::Result<()>;
     /// Appends the results that are ready to `out` without waiting; returns how many.

@@ -110,8 +110,8 @@ fn worker(shared: Arc<Shared>) {
 }
 
 /// Runs one operation to the end: short transfers continued, EINTR/EAGAIN retried, the end of
-/// the file read as zeros.
-fn run(op: &mut Op) -> io::Result<usize> {
+/// the file read as zeros. Its buffers and fd must be valid ([`AsyncIo::submit`]'s contract).
+pub(super) fn run(op: &mut Op) -> io::Result<usize> {
     // SAFETY: the fd stays open until the operation completes (`submit`'s contract).
     let fd = unsafe { BorrowedFd::borrow_raw(op.fd) };
     if op.kind == OpKind::Fdatasync {
