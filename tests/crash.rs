@@ -16,7 +16,7 @@ mod common;
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use common::crash_storage::{for_each_crash_point, CrashImage, Event, Outcome, Recorder};
+use common::crash_storage::{apply, for_each_crash_point, CrashImage, Event, Outcome, Recorder};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use vhost_user_vhdx::vhdx::check;
@@ -355,21 +355,6 @@ impl Storage for SlowFlush {
     }
     fn set_len(&self, len: u64) -> std::io::Result<()> {
         self.0.set_len(len)
-    }
-}
-
-/// A change in the record, applied to a whole file.
-fn apply(img: &mut Vec<u8>, e: &Event<Mark>) {
-    match e {
-        Event::Write(_, off, data) => {
-            let end = *off as usize + data.len();
-            if img.len() < end {
-                img.resize(end, 0);
-            }
-            img[*off as usize..end].copy_from_slice(data);
-        }
-        Event::SetLen(_, len) => img.resize(*len as usize, 0),
-        Event::Flush(_) | Event::Mark(_) => {}
     }
 }
 

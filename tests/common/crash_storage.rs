@@ -221,7 +221,7 @@ impl Storage for CrashImage {
 }
 
 /// Applies a recorded change to a whole file image.
-fn apply<M>(img: &mut Vec<u8>, e: &Event<M>) {
+pub fn apply<M>(img: &mut Vec<u8>, e: &Event<M>) {
     match e {
         Event::Write(_, off, data) => {
             let end = *off as usize + data.len();
