@@ -36,7 +36,7 @@ use crate::backend::{BlockDevice, SyncServer};
 use crate::guest_memory;
 use crate::inflight::{queue_region_size, region_size, QueueRegion};
 use crate::poll::AdaptivePoll;
-use crate::queue::{run_queue_thread, Queue};
+use crate::queue::{run_queue_thread, Queue, ResumeError};
 
 /// SET_MEM_TABLE carries at most this many regions (vhost-user: VHOST_MEMORY_BASELINE_NREGIONS).
 const MAX_TABLE_REGIONS: usize = 8;
@@ -214,16 +214,7 @@ impl BlkHandler {
         let Some(mem) = st.mem().cloned() else {
             return;
         };
-        let size = st.ring.size;
-        let used = match st.ring.check(&mem).and_then(|()| st.ring.used_idx(&mem)) {
-            Ok(u) => u,
-            Err(e) => {
-                warn!("queue {}: {e}", q.index);
-                return;
-            }
-        };
-        match st.inflight.recover(size, used) {
-            // Fresh: tracking starts now, from where SET_VRING_BASE put the ring.
+        match st.resume(&mem) {
             Ok(None) => {}
             Ok(Some(heads)) => {
                 if !heads.is_empty() {
@@ -233,18 +224,13 @@ impl BlkHandler {
                         heads.len()
                     );
                 }
-                st.ring.set_next_used(used);
-                // What the VMM's base says is ignored: Cloud Hypervisor sends the avail index.
-                st.ring
-                    .set_next_avail(used.wrapping_add(heads.len() as u16));
-                st.set_resubmit(heads);
             }
-            Err(e) => {
+            Err(ResumeError::Ring(e)) => warn!("queue {}: {e}", q.index),
+            Err(ResumeError::Region(e)) => {
                 warn!(
                     "queue {}: in-flight region refused, not tracking: {e}",
                     q.index
                 );
-                st.inflight.set_region(None);
             }
         }
     }

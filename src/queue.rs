@@ -51,6 +51,15 @@ pub enum Outcome {
     Broken(String),
 }
 
+/// Why [`QueueState::resume`] could not.
+#[derive(Debug)]
+pub enum ResumeError {
+    /// The ring's areas are not in guest memory: nothing was recovered.
+    Ring(String),
+    /// The region is not one this backend wrote: it is dropped, and nothing is tracked.
+    Region(String),
+}
+
 pub struct QueueState {
     pub ring: SplitRing,
     max_size: u16,
@@ -135,6 +144,34 @@ impl QueueState {
     /// Heads to resubmit before popping new ones.
     pub fn set_resubmit(&mut self, heads: Vec<u16>) {
         self.resubmit = heads.into();
+    }
+
+    /// The ring starts over an in-flight region: asks the region what the last session left
+    /// unfinished, given the used index the ring shows. `Ok(None)`: the region is fresh, and
+    /// tracking starts from where SET_VRING_BASE put the ring. `Ok(Some(heads))`: the ring is
+    /// put back where that session left it (the next used entry at the used index, the next
+    /// avail one after the heads it left), and `heads` run before any new request. What the
+    /// VMM's base said is ignored then: Cloud Hypervisor sends the avail index.
+    pub fn resume(&mut self, mem: &GuestMemoryMmap) -> Result<Option<Vec<u16>>, ResumeError> {
+        let size = self.ring.size;
+        let used = self
+            .ring
+            .check(mem)
+            .and_then(|()| self.ring.used_idx(mem))
+            .map_err(|e| ResumeError::Ring(e.to_string()))?;
+        let heads = match self.inflight.recover(size, used) {
+            Ok(None) => return Ok(None),
+            Ok(Some(heads)) => heads,
+            Err(e) => {
+                self.inflight.set_region(None);
+                return Err(ResumeError::Region(e));
+            }
+        };
+        self.ring.set_next_used(used);
+        self.ring
+            .set_next_avail(used.wrapping_add(heads.len() as u16));
+        self.set_resubmit(heads.clone());
+        Ok(Some(heads))
     }
 
     /// Heads recovered but not yet resubmitted are not run by this ring any more: they leave

@@ -2,8 +2,9 @@
 //! device's own queue (`queue::Queue` over `ring::SplitRing`, its in-flight record mirrored into
 //! an INFLIGHT_SHMFD region) serves well-formed requests on a small in-memory image, is killed
 //! at a point the fuzzer chooses, and a new queue starts over the same guest memory and region
-//! the way the handler's `start_ring` does it (used index from the ring, `recover`, the avail
-//! index set past the recovered heads, the heads queued for resubmission). Up to four such
+//! the way the handler's `start_ring` does it (`QueueState::resume`: used index from the ring,
+//! `recover`, the avail index set past the recovered heads, the heads queued for
+//! resubmission). Up to four such
 //! sessions, the last one serving everything.
 //!
 //! A kill can fall anywhere, including inside a completion: after the in-flight record named
@@ -18,8 +19,6 @@
 //!   available once, none twice, none lost) and the used index ends at the number of requests;
 //! - nothing is left in flight at the end, and a further recovery finds nothing;
 //! - the image is clean (`check`).
-//!
-//! The handler's `start_ring` is private; [`start`] repeats its few lines (keep them alike).
 
 use std::collections::VecDeque;
 use std::path::PathBuf;
@@ -230,25 +229,19 @@ fn start(d: &Driver, region: &Region, first: bool) -> (Queue, Vec<u16>) {
     let slice = unsafe { VolatileSlice::new(ptr, queue_region_size(size)) };
     st.inflight
         .set_region(Some(QueueRegion::new(slice, region.clone())));
-    // start_ring: the used index from the ring, then the region.
-    st.ring.check(&d.mem).expect("the usual layout");
-    let used = st.ring.used_idx(&d.mem).expect("in memory");
-    let mut heads = Vec::new();
-    match st.inflight.recover(size, used) {
+    // As the handler's start_ring.
+    let heads = match st.resume(&d.mem) {
         Ok(None) => {
             assert!(first, "a region the last session wrote was fresh");
             // A first start: SET_VRING_BASE put the ring at the driver's index.
+            let used = st.ring.used_idx(&d.mem).expect("in memory");
             st.ring.set_next_avail(used);
             st.ring.set_next_used(used);
+            Vec::new()
         }
-        Ok(Some(h)) => {
-            st.ring.set_next_used(used);
-            st.ring.set_next_avail(used.wrapping_add(h.len() as u16));
-            st.set_resubmit(h.clone());
-            heads = h;
-        }
-        Err(e) => panic!("the region the last session wrote was refused: {e}"),
-    }
+        Ok(Some(heads)) => heads,
+        Err(e) => panic!("the region the last session wrote was refused: {e:?}"),
+    };
     drop(st);
     (q, heads)
 }
