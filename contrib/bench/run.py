@@ -8,7 +8,9 @@
 Builds the images (a dynamic VHDX with 32 MiB blocks fully written once, an empty one for
 first-touch writes, a raw file with the same content), then drives every backend with the same
 client -- examples/blk_bench.rs on the blkio crate, a real vhost-user-blk client, no VM -- one
-after another and interleaved (A B C A B C ...) so that drift cancels:
+after another and interleaved, the order turned by one each round (A B C, B C A, C A B, ...) so
+that drift cancels and no backend always runs first (right after the previous round's last job,
+whose I/O the disk may still be paying for):
 
     ours      vhost-user-vhdx serve on the VHDX
     qsd-vhdx  qemu-storage-daemon vhost-user-blk export, driver=vhdx, on the same VHDX
@@ -317,7 +319,8 @@ def main():
     for rnd in range(a.rounds):
         for name, client, kind, fio_args in JOBS:
             queues = int(client[client.index("--queues") + 1]) if "--queues" in client else 1
-            for backend in BACKENDS:
+            turn = rnd % len(BACKENDS)
+            for backend in BACKENDS[turn:] + BACKENDS[:turn]:
                 if kind == "empty":
                     image = os.path.join(work, f"empty-{backend}")
                     if os.path.exists(image):
