@@ -66,6 +66,19 @@ pub struct SplitRing {
     num_added: u16,
 }
 
+/// The address of a field `off` bytes into an area at `base`. The areas are checked before
+/// the queue runs ([`SplitRing::check`]), but not every path that touches a field can rely on
+/// that (a VMM may send a call fd or a restart for a ring it never set up right): an address
+/// that would wrap is an error, not a read of some other place.
+fn field(what: &str, base: GuestAddress, off: u64) -> Result<GuestAddress, RingError> {
+    base.0.checked_add(off).map(GuestAddress).ok_or_else(|| {
+        RingError::Memory(format!(
+            "{what} at {:#x}+{off:#x}: past the end of the address space",
+            base.0
+        ))
+    })
+}
+
 fn mem_err(what: &str, at: GuestAddress, e: impl std::fmt::Display) -> RingError {
     RingError::Memory(format!("{what} at {:#x}: {e}", at.0))
 }
@@ -142,7 +155,7 @@ impl SplitRing {
     }
 
     pub fn avail_idx(&self, mem: &GuestMemoryMmap) -> Result<u16, RingError> {
-        let at = GuestAddress(self.avail.0 + 2);
+        let at = field("avail index", self.avail, 2)?;
         mem.load::<u16>(at, Ordering::Acquire)
             .map(u16::from_le)
             .map_err(|e| mem_err("avail index", at, e))
@@ -150,7 +163,7 @@ impl SplitRing {
 
     /// The used index as the ring holds it.
     pub fn used_idx(&self, mem: &GuestMemoryMmap) -> Result<u16, RingError> {
-        let at = GuestAddress(self.used.0 + 2);
+        let at = field("used index", self.used, 2)?;
         mem.load::<u16>(at, Ordering::Acquire)
             .map(u16::from_le)
             .map_err(|e| mem_err("used index", at, e))
@@ -170,7 +183,11 @@ impl SplitRing {
                 size: self.size,
             });
         }
-        let at = GuestAddress(self.avail.0 + 4 + 2 * u64::from(self.next_avail % self.size));
+        let at = field(
+            "avail entry",
+            self.avail,
+            4 + 2 * u64::from(self.next_avail % self.size),
+        )?;
         let head = mem
             .load::<u16>(at, Ordering::Acquire)
             .map(u16::from_le)
@@ -187,7 +204,7 @@ impl SplitRing {
         len: u32,
     ) -> Result<(), RingError> {
         let slot = u64::from(self.next_used % self.size);
-        let at = GuestAddress(self.used.0 + 4 + 8 * slot);
+        let at = field("used entry", self.used, 4 + 8 * slot)?;
         let mut elem = [0u8; 8];
         elem[..4].copy_from_slice(&u32::from(head).to_le_bytes());
         elem[4..].copy_from_slice(&len.to_le_bytes());
@@ -195,7 +212,7 @@ impl SplitRing {
             .map_err(|e| mem_err("used entry", at, e))?;
         self.next_used = self.next_used.wrapping_add(1);
         self.num_added = self.num_added.wrapping_add(1);
-        let idx = GuestAddress(self.used.0 + 2);
+        let idx = field("used index", self.used, 2)?;
         mem.store(self.next_used.to_le(), idx, Ordering::Release)
             .map_err(|e| mem_err("used index", idx, e))
     }
@@ -205,7 +222,7 @@ impl SplitRing {
         fence(Ordering::SeqCst);
         let added = std::mem::take(&mut self.num_added);
         if self.event_idx {
-            let at = GuestAddress(self.avail.0 + 4 + 2 * u64::from(self.size));
+            let at = field("used_event", self.avail, 4 + 2 * u64::from(self.size))?;
             let used_event = mem
                 .load::<u16>(at, Ordering::Relaxed)
                 .map(u16::from_le)
@@ -228,7 +245,7 @@ impl SplitRing {
     fn set_notification(&mut self, mem: &GuestMemoryMmap, enable: bool) -> Result<(), RingError> {
         if self.event_idx {
             if enable {
-                let at = GuestAddress(self.used.0 + 4 + 8 * u64::from(self.size));
+                let at = field("avail_event", self.used, 4 + 8 * u64::from(self.size))?;
                 mem.store(self.next_avail.to_le(), at, Ordering::Relaxed)
                     .map_err(|e| mem_err("avail_event", at, e))?;
             }

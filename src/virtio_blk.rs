@@ -111,7 +111,9 @@ fn sub_segments(segs: &[Segment], mut from: u64, mut len: u64) -> Segments {
         }
         let n = (s.len - from).min(len);
         out.push(Segment {
-            addr: GuestAddress(s.addr.0 + from),
+            // A descriptor may claim to run past the end of the address space: the address
+            // saturates, and is refused where it is used (never in guest memory).
+            addr: GuestAddress(s.addr.0.saturating_add(from)),
             len: n,
         });
         len -= n;

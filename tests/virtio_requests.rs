@@ -2326,3 +2326,32 @@ fn stop_waits_for_every_request_taken_and_a_new_ring_gets_no_old_head() {
     assert_eq!(d.byte(STATUS), OK);
     assert_eq!(q.ring.used_idx(), stopped_at);
 }
+
+/// Found by the queue_requests fuzzer: a ring whose areas end past the top of the address
+/// space (as a VMM may set it up; nothing has checked it yet when a call fd arrives or a
+/// notification is decided) made the device compute a field's address with an overflowing
+/// add: a panic with overflow checks, else a read or write of whatever guest memory the
+/// wrapped address hit. Every field access is an error instead.
+#[test]
+fn ring_fields_past_the_end_of_the_address_space() {
+    use vhost_user_vhdx::ring::SplitRing as DeviceRing;
+    let mem = guest_memory();
+    for event_idx in [false, true] {
+        let mut ring = DeviceRing::new(QUEUE_SIZE);
+        ring.event_idx = event_idx;
+        ring.desc = GuestAddress(0);
+        // 4 + 2 * size past these, the used_event and avail_event fields wrap round to low
+        // addresses, which are guest memory here.
+        ring.avail = GuestAddress(u64::MAX - 1);
+        ring.used = GuestAddress(u64::MAX - 3);
+        assert!(ring.check(&mem).is_err());
+        assert!(ring.avail_idx(&mem).is_err());
+        assert!(ring.used_idx(&mem).is_err());
+        assert!(ring.pop(&mem).is_err());
+        assert!(ring.add_used(&mem, 0, 0).is_err());
+        assert!(ring.needs_notification(&mem).is_err());
+        assert!(ring.enable_notification(&mem).is_err());
+        // With EVENT_IDX, disabling notifications writes nothing.
+        assert_eq!(ring.disable_notification(&mem).is_err(), !event_idx);
+    }
+}
