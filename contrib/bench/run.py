@@ -30,6 +30,8 @@ These use the host page cache. With --backends (or --cold) also:
 --cold measures the disk, not the page cache: as root the host page cache is dropped before
 every job (and the default backends become ours-direct, ours, qsd-direct-uring,
 qsd-direct-threads, fio-direct); otherwise only the O_DIRECT backends run (said in the output).
+Each cold job's line also says what the disk saw (requests, their mean size, merges), from
+the counters of the disk that holds the images.
 --pin puts the client (or fio) on core 0 and the backend on core 1, so that figures on a small
 machine repeat. The *-qd1 jobs measure latency (p50/p99) at queue depth 1.
 
@@ -100,6 +102,30 @@ def drop_caches():
     os.sync()
     with open("/proc/sys/vm/drop_caches", "w") as f:
         f.write("3\n")
+
+
+def disk_counters(path):
+    """The block device counters of the disk holding `path` (/sys/dev/block/MAJ:MIN/stat):
+    read requests, read merges, sectors read, and the same for writes. None if unreadable."""
+    dev = os.stat(path).st_dev
+    try:
+        with open(f"/sys/dev/block/{os.major(dev)}:{os.minor(dev)}/stat") as f:
+            v = [int(x) for x in f.read().split()]
+    except (OSError, ValueError):
+        return None
+    return v[0], v[1], v[2], v[4], v[5], v[6]
+
+
+def disk_delta(before, after):
+    """What the disk saw during a job: requests, merges and the mean request size (KiB) --
+    a 1 MiB read that reaches the disk as 1016 + 8 KiB (the client's buffer pages are not
+    physically contiguous and the disk takes 254 segments) costs two requests."""
+    if before is None or after is None:
+        return {}
+    d = [b - a for a, b in zip(before, after)]
+    reqs, merges, sectors = d[0] + d[3], d[1] + d[4], d[2] + d[5]
+    return {"disk_reqs": reqs, "disk_merges": merges,
+            "disk_kib_per_req": sectors / 2 / reqs if reqs else 0.0}
 
 
 def run(cmd, **kw):
@@ -342,6 +368,7 @@ def main():
                 region = ["--region", "1T" if kind == "empty" else a.size]
                 if can_drop:
                     drop_caches()
+                disk0 = disk_counters(work)
                 if backend in ("fio-raw", "fio-direct"):
                     qd = int(client[client.index("--qd") + 1]) if backend == "fio-direct" else None
                     r = fio(image, fio_args, a.seconds, "1T" if kind == "empty" else a.size,
@@ -357,9 +384,12 @@ def main():
                     r = json.loads(out)
                     r["cpu_s"] = c1 - c0
                 r["cpu_s_per_gib"] = r["cpu_s"] / max(r["bytes"] / (1 << 30), 1e-9)
+                r.update(disk_delta(disk0, disk_counters(work)))
                 results.setdefault((name, backend), []).append(r)
+                disk = (f"  disk: {r['disk_reqs']} requests of {r['disk_kib_per_req']:.0f} KiB, "
+                        f"{r['disk_merges']} merges" if a.cold and "disk_reqs" in r else "")
                 print(f"round {rnd + 1} {name:28} {backend:18} {r['iops']:10.0f} IOPS "
-                      f"{r['mbps']:8.1f} MB/s", file=sys.stderr)
+                      f"{r['mbps']:8.1f} MB/s{disk}", file=sys.stderr)
                 if kind == "empty" and os.path.exists(image):
                     os.unlink(image)
 
