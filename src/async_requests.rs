@@ -54,10 +54,6 @@ use crate::virtio_blk::{self, Kind};
 /// starts on the first ones (and sends more requests) while this thread finishes the rest.
 const EARLY_SIGNAL_AFTER: usize = 8;
 
-/// Requests on an O_DIRECT file at least this large are handed to the kernel with their batch
-/// rather than as each is popped (see [`AsyncQueue::serve`]).
-const SUBMIT_WITH_BATCH_FROM: u64 = 128 << 10;
-
 /// One request whose data I/O is in flight.
 struct Slot {
     /// Keeps the guest memory behind the operations' buffers mapped.
@@ -77,9 +73,8 @@ struct Slot {
 
 /// What became of a popped request.
 enum Start {
-    /// Its I/O is queued; `now`: hand it to the kernel at once rather than with the batch (a
-    /// small request on an O_DIRECT file).
-    Submitted { now: bool },
+    /// Its I/O is in flight; `device` if it reads or writes an O_DIRECT file.
+    Submitted { device: bool },
     /// Done already (only zeros to read): complete it with this used length.
     Done(u32),
     /// Not for the asynchronous path: run it synchronously, once this queue's asynchronous
@@ -133,26 +128,23 @@ impl AsyncQueue {
     }
 
     /// Serves `queue`: finishes what has completed, then pops and starts every available
-    /// request: small ones on an O_DIRECT file go to the kernel as they are popped, the rest
-    /// with one submission for the whole batch. Asynchronous requests may still be in
+    /// request, with one submission for the whole batch. Asynchronous requests may still be in
     /// flight on return; guest notifications are left disabled (see [`QueueServer`]).
     pub fn serve(&mut self, queue: &Arc<Queue>) {
         self.reap_ready(queue);
         queue.disable_notification();
         while let Some(p) = queue.pop() {
             match self.start(&p) {
-                // A small request for the disk goes to the kernel at once, not with the
-                // batch, so the device starts on it while the rest are popped. A batch of 32
-                // O_DIRECT reads in one call reached this machine's virtio disk ~230 us after
-                // the completions that let the driver send them, as one notification once the
+                // A request for the disk goes to the kernel at once, not with the batch, so
+                // the device starts on it while the rest are popped. A batch of 32 O_DIRECT
+                // reads in one call reached this machine's virtio disk ~230 us after the
+                // completions that let the driver send them, as one notification once the
                 // kernel had prepared all 32; one call each: cold 4 KiB QD32 61k -> 82k IOPS
-                // (README, "Cold"). A large one waits for the batch: submitted together,
-                // neighbouring requests can merge at the disk, and the wait is small next to
-                // the transfer (cold 1 MiB QD8: 939 -> 1117 IOPS). From the page cache a read
-                // is a copy done inside the call, and one call per batch is cheaper there
-                // (4 KiB QD32: 345k IOPS batched, 268k one call each).
-                Start::Submitted { now: true } => self.commit(),
-                Start::Submitted { now: false } => {}
+                // (README, "Cold"). From the page cache a read is a copy done inside the
+                // call, and one call per batch is cheaper there (4 KiB QD32: 345k IOPS
+                // batched, 268k one call each).
+                Start::Submitted { device: true } => self.commit(),
+                Start::Submitted { device: false } => {}
                 Start::Done(used) => self.finish(queue, p.head, Outcome::Used(used)),
                 Start::Sync => {
                     self.counts[2] += 1;
@@ -476,9 +468,7 @@ impl AsyncQueue {
         for op in ops {
             self.submit(op, head as u64);
         }
-        Start::Submitted {
-            now: device && len < SUBMIT_WITH_BATCH_FROM,
-        }
+        Start::Submitted { device }
     }
 }
 
