@@ -87,14 +87,17 @@ fn main() {
     let mem = b
         .alloc_mem_region(per_queue * a.queues)
         .expect("alloc_mem_region");
-    b.map_mem_region(&mem).expect("map_mem_region");
     // SAFETY: the region was allocated by blkio for `per_queue * queues` bytes and stays mapped
     // until the end of main; each queue's thread uses its own disjoint slice of it.
     let base = mem.addr as *mut u8;
+    // Touched before the backend learns of it, as a guest's RAM is populated long before its
+    // I/O: which pages the kernel gives (how physically contiguous a buffer is, which decides
+    // whether a 1 MiB O_DIRECT read reaches the disk whole) must not depend on the backend.
     for i in 0..per_queue * a.queues {
         // SAFETY: inside the region (see above).
         unsafe { *base.add(i) = (i % 251) as u8 };
     }
+    b.map_mem_region(&mem).expect("map_mem_region");
     let deadline = Duration::from_secs_f64(a.seconds);
     let random = a.job.starts_with("rand");
     let write = a.job.ends_with("write");
