@@ -91,8 +91,8 @@ fn main() {
     // until the end of main; each queue's thread uses its own disjoint slice of it.
     let base = mem.addr as *mut u8;
     // Touched before the backend learns of it, as a guest's RAM is populated long before its
-    // I/O: which pages the kernel gives (how physically contiguous a buffer is, which decides
-    // whether a 1 MiB O_DIRECT read reaches the disk whole) must not depend on the backend.
+    // I/O. How physically contiguous a buffer is decides whether a 1 MiB O_DIRECT read reaches
+    // the disk whole; that layout still differs between backends (README, "Cold").
     for i in 0..per_queue * a.queues {
         // SAFETY: inside the region (see above).
         unsafe { *base.add(i) = (i % 251) as u8 };
