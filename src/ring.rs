@@ -204,17 +204,21 @@ impl SplitRing {
         len: u32,
     ) -> Result<(), RingError> {
         let slot = u64::from(self.next_used % self.size);
+        // `next_used` moves only once the driver can see the entry: a used index outside guest
+        // memory fails the call with the device's count unchanged.
         let at = field("used entry", self.used, 4 + 8 * slot)?;
+        let idx = field("used index", self.used, 2)?;
         let mut elem = [0u8; 8];
         elem[..4].copy_from_slice(&u32::from(head).to_le_bytes());
         elem[4..].copy_from_slice(&len.to_le_bytes());
         mem.write_slice(&elem, at)
             .map_err(|e| mem_err("used entry", at, e))?;
-        self.next_used = self.next_used.wrapping_add(1);
+        let next = self.next_used.wrapping_add(1);
+        mem.store(next.to_le(), idx, Ordering::Release)
+            .map_err(|e| mem_err("used index", idx, e))?;
+        self.next_used = next;
         self.num_added = self.num_added.wrapping_add(1);
-        let idx = field("used index", self.used, 2)?;
-        mem.store(self.next_used.to_le(), idx, Ordering::Release)
-            .map_err(|e| mem_err("used index", idx, e))
+        Ok(())
     }
 
     /// Whether the driver wants an interrupt for what was added since the last call.

@@ -2355,3 +2355,20 @@ fn ring_fields_past_the_end_of_the_address_space() {
         assert_eq!(ring.disable_notification(&mem).is_err(), !event_idx);
     }
 }
+
+/// A used ring whose entries are guest memory but whose index is not (it starts 4 bytes before
+/// the only region): adding an entry fails, and the device's used count does not move past
+/// what the driver was told.
+#[test]
+fn a_used_index_outside_memory_leaves_the_used_count_alone() {
+    use vhost_user_vhdx::ring::SplitRing as DeviceRing;
+    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0x10000), 0x10000)]).unwrap();
+    let mut ring = DeviceRing::new(QUEUE_SIZE);
+    ring.desc = GuestAddress(0x10000);
+    ring.avail = GuestAddress(0x11000);
+    ring.used = GuestAddress(0x10000 - 4);
+    for _ in 0..2 {
+        assert!(ring.add_used(&mem, 0, 0).is_err());
+        assert_eq!(ring.next_used(), 0);
+    }
+}
