@@ -3,11 +3,17 @@
 //!
 //!   blk_bench --socket SOCK --job randread|randwrite|read|write [--bs 4k] [--qd 32]
 //!             [--queues 1] [--seconds 5] [--region BYTES] [--offset BYTES]
-//!             [--flush-every N] [--idle SECONDS]
+//!             [--flush-every N] [--idle SECONDS] [--mem memfd|hugetlb]
 //!
 //! Prints one JSON object: iops, MB/s, p50/p99 latency in microseconds, bytes moved.
 //! `--idle S`: after the job, stays connected doing nothing for S seconds before it prints and
 //! leaves (for measuring what an idle, connected backend uses).
+//! `--mem hugetlb`: the request buffers live in 2 MiB huge pages (reserve them first:
+//! /proc/sys/vm/nr_hugepages), as a VM's RAM often does. With the default, a memfd of 4 KiB
+//! pages, how physically contiguous a buffer is depends on what the kernel's free
+//! lists held when the buffers were first touched; that decides whether a 1 MiB O_DIRECT read
+//! reaches the disk whole (the disk takes at most 254 segments per request), and it moved cold
+//! 1 MiB figures by ±30 % from run to run (README, "Cold").
 
 use std::mem::MaybeUninit;
 use std::time::{Duration, Instant};
@@ -25,6 +31,7 @@ struct Args {
     offset: u64,
     flush_every: u64,
     idle: f64,
+    hugetlb: bool,
 }
 
 fn size(s: &str) -> u64 {
@@ -43,6 +50,7 @@ fn args() -> Args {
         offset: 0,
         flush_every: 0,
         idle: 0.0,
+        hugetlb: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(k) = it.next() {
@@ -58,10 +66,57 @@ fn args() -> Args {
             "--offset" => a.offset = size(&v),
             "--flush-every" => a.flush_every = v.parse().unwrap(),
             "--idle" => a.idle = v.parse().unwrap(),
+            "--mem" => {
+                a.hugetlb = match v.as_str() {
+                    "hugetlb" => true,
+                    "memfd" => false,
+                    _ => panic!("--mem is memfd or hugetlb"),
+                }
+            }
             other => panic!("unknown option {other}"),
         }
     }
     a
+}
+
+/// A shared memfd mapping of `len` bytes (rounded up to the page size: 2 MiB with `hugetlb`)
+/// for the request buffers, described for `map_mem_region` (the vhost-user backend maps the
+/// same fd). It is never unmapped: it lives as long as the process.
+fn buffer_region(len: usize, hugetlb: bool) -> blkio::MemoryRegion {
+    use nix::sys::memfd::{memfd_create, MFdFlags};
+    use nix::sys::mman::{mmap, MapFlags, ProtFlags};
+    use std::os::fd::IntoRawFd;
+    let (page, flags) = if hugetlb {
+        (2 << 20, MFdFlags::MFD_HUGETLB)
+    } else {
+        (4096, MFdFlags::empty())
+    };
+    let len = len.div_ceil(page) * page;
+    let fd = memfd_create("blk_bench-buf", flags)
+        .unwrap_or_else(|e| panic!("memfd_create({flags:?}): {e}"));
+    nix::unistd::ftruncate(&fd, len as i64).expect("ftruncate the buffers' memfd");
+    // SAFETY: a new shared mapping of a file we own; nothing else refers to that address range.
+    let addr = unsafe {
+        mmap(
+            None,
+            std::num::NonZeroUsize::new(len).expect("a non-empty buffer"),
+            ProtFlags::PROT_READ | ProtFlags::PROT_WRITE,
+            MapFlags::MAP_SHARED,
+            &fd,
+            0,
+        )
+    }
+    .unwrap_or_else(|e| {
+        panic!("mmap {len} bytes (huge pages: reserve them in /proc/sys/vm/nr_hugepages): {e}")
+    });
+    blkio::MemoryRegion {
+        addr: addr.as_ptr() as usize,
+        iova: 0,
+        len,
+        fd: fd.into_raw_fd(),
+        fd_offset: 0,
+        flags: 0,
+    }
 }
 
 struct QueueResult {
@@ -71,6 +126,19 @@ struct QueueResult {
 
 fn main() {
     let a = args();
+    let per_queue = a.qd * a.bs as usize;
+    let len = per_queue * a.queues;
+    // The buffers are allocated and touched before the client connects, as a guest's RAM is
+    // populated long before its I/O, and so that nothing the backend does while it sets up the
+    // connection (its own allocations and frees) decides which page frames they get.
+    let mem = buffer_region(len, a.hugetlb);
+    // SAFETY: the region is mapped for at least `per_queue * queues` bytes and stays mapped
+    // until the process exits; each queue's thread uses its own disjoint slice of it.
+    let base = mem.addr as *mut u8;
+    for i in 0..len {
+        // SAFETY: inside the region (see above).
+        unsafe { *base.add(i) = (i % 251) as u8 };
+    }
     let mut b = Blkio::new("virtio-blk-vhost-user").expect("blkio driver");
     b.set_str("path", &a.socket).expect("path");
     b.connect().expect("connect");
@@ -83,20 +151,6 @@ fn main() {
     } else {
         a.region
     };
-    let per_queue = a.qd * a.bs as usize;
-    let mem = b
-        .alloc_mem_region(per_queue * a.queues)
-        .expect("alloc_mem_region");
-    // SAFETY: the region was allocated by blkio for `per_queue * queues` bytes and stays mapped
-    // until the end of main; each queue's thread uses its own disjoint slice of it.
-    let base = mem.addr as *mut u8;
-    // Touched before the backend learns of it, as a guest's RAM is populated long before its
-    // I/O. How physically contiguous a buffer is decides whether a 1 MiB O_DIRECT read reaches
-    // the disk whole; that layout still differs between backends (README, "Cold").
-    for i in 0..per_queue * a.queues {
-        // SAFETY: inside the region (see above).
-        unsafe { *base.add(i) = (i % 251) as u8 };
-    }
     b.map_mem_region(&mem).expect("map_mem_region");
     let deadline = Duration::from_secs_f64(a.seconds);
     let random = a.job.starts_with("rand");

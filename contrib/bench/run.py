@@ -3,7 +3,7 @@
 
     contrib/bench/run.py [--seconds 5] [--rounds 2] [--size 2G] [--out DIR]
                          [--jobs NAME,...] [--backends ours,...] [--no-footprint]
-                         [--cold] [--pin]
+                         [--cold] [--pin] [--client-mem memfd|hugetlb]
 
 Builds the images (a dynamic VHDX with 32 MiB blocks fully written once, an empty one for
 first-touch writes, a raw file with the same content), then drives every backend with the same
@@ -34,6 +34,12 @@ Each cold job's line also says what the disk saw (requests, their mean size, mer
 the counters of the disk that holds the images.
 --pin puts the client (or fio) on core 0 and the backend on core 1, so that figures on a small
 machine repeat. The *-qd1 jobs measure latency (p50/p99) at queue depth 1.
+--client-mem hugetlb puts the client's request buffers in 2 MiB huge pages (reserved for the
+run as root, given back after), as a VM's RAM often is, instead of libblkio's 4 KiB-page
+memfd. It matters for large O_DIRECT reads: the disk takes at most so many segments per
+request, and with 4 KiB pages how contiguous a 1 MiB buffer is depends on the kernel's free
+lists when the client started, which moved cold 1 MiB figures by +-30 % from run to run
+(README, "Cold").
 
 Prints a table (IOPS or MB/s, p50/p99 latency,
 backend CPU seconds per GiB moved -- for fio-raw, fio's own CPU -- our ratio to each anchor),
@@ -106,14 +112,16 @@ def drop_caches():
 
 def disk_counters(path):
     """The block device counters of the disk holding `path` (/sys/dev/block/MAJ:MIN/stat):
-    read requests, read merges, sectors read, and the same for writes. None if unreadable."""
+    read requests, read merges, sectors read, the same for writes, milliseconds spent by
+    requests (read and write), milliseconds weighted by requests in flight, and the time they
+    were read. None if unreadable."""
     dev = os.stat(path).st_dev
     try:
         with open(f"/sys/dev/block/{os.major(dev)}:{os.minor(dev)}/stat") as f:
             v = [int(x) for x in f.read().split()]
     except (OSError, ValueError):
         return None
-    return v[0], v[1], v[2], v[4], v[5], v[6]
+    return v[0], v[1], v[2], v[4], v[5], v[6], v[3] + v[7], v[10], time.monotonic() * 1000
 
 
 def disk_delta(before, after):
@@ -125,7 +133,11 @@ def disk_delta(before, after):
     d = [b - a for a, b in zip(before, after)]
     reqs, merges, sectors = d[0] + d[3], d[1] + d[4], d[2] + d[5]
     return {"disk_reqs": reqs, "disk_merges": merges,
-            "disk_kib_per_req": sectors / 2 / reqs if reqs else 0.0}
+            "disk_kib_per_req": sectors / 2 / reqs if reqs else 0.0,
+            # Time from the block layer's queue to completion, and how many requests the
+            # disk held on average: what the backend leaves the disk to do.
+            "disk_ms_per_req": d[6] / reqs if reqs else 0.0,
+            "disk_depth": d[7] / d[8] if d[8] else 0.0}
 
 
 def run(cmd, **kw):
@@ -201,12 +213,17 @@ def children_cpu_seconds():
     return r.ru_utime + r.ru_stime
 
 
+# fio-direct's buffers: with --client-mem hugetlb, huge pages too (SysV shm, SHM_HUGETLB), so
+# that the disk's limit is measured with buffers as contiguous as the client's.
+FIO_DIRECT_MEM = []
+
+
 def fio(image, fio_args, seconds, size, direct_qd=None, queues=1):
     """fio on the host: page-cache psync on one thread per core, or (direct_qd) io_uring with
     O_DIRECT at that depth on `queues` threads."""
     if direct_qd:
         engine = ["--ioengine=io_uring", "--direct=1", f"--iodepth={direct_qd}",
-                  f"--numjobs={queues}"]
+                  f"--numjobs={queues}"] + FIO_DIRECT_MEM
     else:
         # Synchronous page-cache I/O on one thread per core: what the host itself does with
         # the raw file (buffered io_uring punts to worker threads and measures far less).
@@ -297,6 +314,9 @@ def main():
                          "else O_DIRECT backends only")
     ap.add_argument("--pin", action="store_true",
                     help=f"client on core {CLIENT_CPU}, backend on core {BACKEND_CPU}")
+    ap.add_argument("--client-mem", choices=["memfd", "hugetlb"], default="memfd",
+                    help="where the client's request buffers live: libblkio's memfd (4 KiB "
+                         "pages) or 2 MiB huge pages, reserved for the run (root)")
     ap.add_argument("--serve-args", default="",
                     help="more arguments for our serve, e.g. '--aio io_uring'")
     ap.add_argument("--idle", action="store_true",
@@ -337,6 +357,56 @@ def main():
                          "over an anchor")
     run(["cargo", "build", "--release", "--quiet", "--example", "blk_bench"], cwd=REPO)
     run(["cargo", "build", "--release", "--quiet"], cwd=REPO)
+    client_mem = ["--mem", a.client_mem]
+    given_back = None
+    if a.client_mem == "hugetlb":
+        given_back = reserve_huge_pages(JOBS)
+        FIO_DIRECT_MEM[:] = ["--iomem=shmhuge"]
+    try:
+        results, work, can_drop = measure(a, can_drop, client_mem)
+    finally:
+        if given_back is not None:
+            given_back()
+    report(a, results, work, can_drop, sock=os.path.join(work, "vhost.sock"))
+
+
+def reserve_huge_pages(jobs):
+    """Reserves enough 2 MiB pages for the hungriest job's buffers; returns what undoes it."""
+    path = "/proc/sys/vm/nr_hugepages"
+    # Twice the buffers: the client's, then fio's (rounded up, with its alignment) when the
+    # client has left.
+    need = 2 * max(-(-int(size_of(c, "--qd", 32)) * int(size_of(c, "--bs", 4096))
+                     * int(size_of(c, "--queues", 1)) // (2 << 20)) + 1 for _, c, _, _ in jobs)
+    with open(path) as f:
+        before = int(f.read())
+    try:
+        with open(path, "w") as f:
+            f.write(str(before + need))
+        with open(path) as f:
+            got = int(f.read())
+    except OSError as e:
+        raise SystemExit(f"--client-mem hugetlb: cannot reserve huge pages ({e}); run as root")
+    if got < before + need:
+        with open(path, "w") as f:
+            f.write(str(before))
+        raise SystemExit(f"--client-mem hugetlb: {need} huge pages wanted, the kernel gave "
+                         f"{got - before}")
+
+    def give_back():
+        with open(path, "w") as f:
+            f.write(str(before))
+    return give_back
+
+
+def size_of(client, flag, default):
+    if flag not in client:
+        return default
+    v = client[client.index(flag) + 1].lower()
+    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+    return int(v[:-1]) * units[v[-1]] if v[-1] in units else int(v)
+
+
+def measure(a, can_drop, client_mem):
     os.makedirs(a.out, exist_ok=True)
     work = tempfile.mkdtemp(prefix="vhdx-bench-")
     raw, full = build_images(work, a.size)
@@ -368,31 +438,40 @@ def main():
                 region = ["--region", "1T" if kind == "empty" else a.size]
                 if can_drop:
                     drop_caches()
-                disk0 = disk_counters(work)
                 if backend in ("fio-raw", "fio-direct"):
                     qd = int(client[client.index("--qd") + 1]) if backend == "fio-direct" else None
+                    disk0 = disk_counters(work)
                     r = fio(image, fio_args, a.seconds, "1T" if kind == "empty" else a.size,
                             direct_qd=qd, queues=queues)
+                    disk1 = disk_counters(work)
                 else:
                     p = start_backend(backend, image, sock, max(queues, 2))
                     c0 = cpu_seconds(p.pid)
+                    disk0 = disk_counters(work)
                     out = subprocess.run(pinned([BENCH, "--socket", sock, "--seconds",
-                                                 str(a.seconds)] + region + client, CLIENT_CPU),
+                                                 str(a.seconds)] + region + client_mem
+                                                + client, CLIENT_CPU),
                                          check=True, capture_output=True, text=True).stdout
+                    disk1 = disk_counters(work)
                     c1 = cpu_seconds(p.pid)
                     stop_backend(p)
                     r = json.loads(out)
                     r["cpu_s"] = c1 - c0
                 r["cpu_s_per_gib"] = r["cpu_s"] / max(r["bytes"] / (1 << 30), 1e-9)
-                r.update(disk_delta(disk0, disk_counters(work)))
+                r.update(disk_delta(disk0, disk1))
                 results.setdefault((name, backend), []).append(r)
                 disk = (f"  disk: {r['disk_reqs']} requests of {r['disk_kib_per_req']:.0f} KiB, "
-                        f"{r['disk_merges']} merges" if a.cold and "disk_reqs" in r else "")
+                        f"{r['disk_merges']} merges, {r['disk_ms_per_req']:.2f} ms each, "
+                        f"depth {r['disk_depth']:.2f}" if a.cold and "disk_reqs" in r else "")
                 print(f"round {rnd + 1} {name:28} {backend:18} {r['iops']:10.0f} IOPS "
                       f"{r['mbps']:8.1f} MB/s{disk}", file=sys.stderr)
                 if kind == "empty" and os.path.exists(image):
                     os.unlink(image)
+    return results, work, can_drop
 
+
+def report(a, results, work, can_drop, sock):
+    full = os.path.join(work, "full.vhdx")
     if a.idle:
         idle_cpu(work, full, sock)
     rows = print_table(results, [j[0] for j in JOBS], BACKENDS)
@@ -400,6 +479,7 @@ def main():
     mode = ("cold: page cache dropped before every job" if can_drop else
             "cold: O_DIRECT backends only" if a.cold else "page cache")
     mode += ", pinned" if a.pin else ""
+    mode += ", client buffers in huge pages" if a.client_mem == "hugetlb" else ""
     print(f"({a.rounds} rounds x {a.seconds} s per job; {mode}; {machine_line}; medians)")
 
     def med(name, backend, key):
