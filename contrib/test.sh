@@ -35,7 +35,9 @@ cargo test --release "$@"
 # containers without io_uring, so that both stay tested (about two minutes). Only on a full
 # run: with arguments, the caller chose what to run.
 if (( $# == 0 )); then
-    echo "--- again with VHDX_SERVE_ARGS=\"--aio threads\": blkio, vmm_lifecycle, serve_kill9, hostile_vmm"
+    echo "--- again with VHDX_SERVE_ARGS=\"--aio threads\": blkio, vmm_lifecycle, serve_kill9, hostile_vmm, guest pattern_*"
     VHDX_SERVE_ARGS="--aio threads" cargo test --release \
         --test blkio --test vmm_lifecycle --test serve_kill9 --test hostile_vmm
+    # One guest pass of each cache mode on the pool too (about 20 s under TCG).
+    VHDX_SERVE_ARGS="--aio threads" cargo test --release --test guest pattern_
 fi

@@ -14,7 +14,8 @@
 //! whole file 20-35 s, with qemu-storage-daemon or our serve as the backend.
 //!
 //! Which backend serves the disk ([`start_backend`]):
-//! * by default this build's `vhost-user-vhdx serve --socket-path SOCK --num-queues N IMAGE`;
+//! * by default this build's `vhost-user-vhdx serve $VHDX_SERVE_ARGS --socket-path SOCK
+//!   --num-queues N IMAGE`;
 //! * `VHDX_GUEST_BACKEND=CMD` runs `CMD --socket-path SOCK --num-queues N IMAGE` instead (CMD is
 //!   split at whitespace; `qsd` means `tests/guest/qsd-backend`, qemu-storage-daemon with QEMU's
 //!   vhdx driver). The differencing test always runs our serve: QEMU cannot open differencing

@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-use super::{repo_root, s, serve_bin, wait_or_kill};
+use super::{env_args, repo_root, s, serve_bin, wait_or_kill};
 
 /// `VHDX_GUEST_TIME_SCALE`, the factor of every deadline of the guest tests (at least 1).
 pub fn time_scale() -> f64 {
@@ -56,9 +56,13 @@ pub fn skip_our_serve(test: &str) -> bool {
     skip
 }
 
-/// This build's serve, or `$VHDX_SERVE_BIN`'s (to judge another build with the same tests).
+/// This build's serve, or `$VHDX_SERVE_BIN`'s (to judge another build with the same tests),
+/// with `$VHDX_SERVE_ARGS` first, as every other suite's serve (a test's own options follow
+/// and win).
 pub fn our_backend() -> Vec<String> {
-    vec![s(&serve_bin()).to_owned(), "serve".to_owned()]
+    let mut command = vec![s(&serve_bin()).to_owned(), "serve".to_owned()];
+    command.extend(env_args());
+    command
 }
 
 /// [`our_backend`] on the thread pool (`--aio threads`), for the tests that time a kill or a
