@@ -35,8 +35,7 @@ the counters of the disk that holds the images.
 --pin puts the client (or fio) on core 0 and the backend on core 1, so that figures on a small
 machine repeat. The *-qd1 jobs measure latency (p50/p99) at queue depth 1.
 --client-mem hugetlb puts the client's request buffers in 2 MiB huge pages (reserved for the
-run as root, given back after), as a VM's RAM often is, instead of libblkio's 4 KiB-page
-memfd. It matters for large O_DIRECT reads: the disk takes at most so many segments per
+run as root, given back after), as a VM's RAM often is, instead of a memfd of 4 KiB pages. It matters for large O_DIRECT reads: the disk takes at most so many segments per
 request, and with 4 KiB pages how contiguous a 1 MiB buffer is depends on the kernel's free
 lists when the client started, which moved cold 1 MiB figures by +-30 % from run to run
 (README, "Cold").
@@ -315,8 +314,8 @@ def main():
     ap.add_argument("--pin", action="store_true",
                     help=f"client on core {CLIENT_CPU}, backend on core {BACKEND_CPU}")
     ap.add_argument("--client-mem", choices=["memfd", "hugetlb"], default="memfd",
-                    help="where the client's request buffers live: libblkio's memfd (4 KiB "
-                         "pages) or 2 MiB huge pages, reserved for the run (root)")
+                    help="where the client's request buffers live: a memfd of 4 KiB pages or "
+                         "2 MiB huge pages, reserved for the run (root)")
     ap.add_argument("--serve-args", default="",
                     help="more arguments for our serve, e.g. '--aio io_uring'")
     ap.add_argument("--idle", action="store_true",
@@ -363,11 +362,11 @@ def main():
         given_back = reserve_huge_pages(JOBS)
         FIO_DIRECT_MEM[:] = ["--iomem=shmhuge"]
     try:
-        results, work, can_drop = measure(a, can_drop, client_mem)
+        results, work = measure(a, can_drop, client_mem)
     finally:
         if given_back is not None:
             given_back()
-    report(a, results, work, can_drop, sock=os.path.join(work, "vhost.sock"))
+    report(a, results, work, can_drop)
 
 
 def reserve_huge_pages(jobs):
@@ -375,8 +374,8 @@ def reserve_huge_pages(jobs):
     path = "/proc/sys/vm/nr_hugepages"
     # Twice the buffers: the client's, then fio's (rounded up, with its alignment) when the
     # client has left.
-    need = 2 * max(-(-int(size_of(c, "--qd", 32)) * int(size_of(c, "--bs", 4096))
-                     * int(size_of(c, "--queues", 1)) // (2 << 20)) + 1 for _, c, _, _ in jobs)
+    need = 2 * max(-(-client_opt(c, "--qd", 32) * client_opt(c, "--bs", 4096)
+                     * client_opt(c, "--queues", 1) // (2 << 20)) + 1 for _, c, _, _ in jobs)
     with open(path) as f:
         before = int(f.read())
     try:
@@ -398,7 +397,8 @@ def reserve_huge_pages(jobs):
     return give_back
 
 
-def size_of(client, flag, default):
+def client_opt(client, flag, default):
+    """A number among a job's client arguments (sizes may end in k, m or g), else `default`."""
     if flag not in client:
         return default
     v = client[client.index(flag) + 1].lower()
@@ -414,7 +414,7 @@ def measure(a, can_drop, client_mem):
     sock = os.path.join(work, "vhost.sock")
     for rnd in range(a.rounds):
         for name, client, kind, fio_args in JOBS:
-            queues = int(client[client.index("--queues") + 1]) if "--queues" in client else 1
+            queues = client_opt(client, "--queues", 1)
             turn = rnd % len(BACKENDS)
             for backend in BACKENDS[turn:] + BACKENDS[:turn]:
                 if kind == "empty":
@@ -439,7 +439,7 @@ def measure(a, can_drop, client_mem):
                 if can_drop:
                     drop_caches()
                 if backend in ("fio-raw", "fio-direct"):
-                    qd = int(client[client.index("--qd") + 1]) if backend == "fio-direct" else None
+                    qd = client_opt(client, "--qd", 32) if backend == "fio-direct" else None
                     disk0 = disk_counters(work)
                     r = fio(image, fio_args, a.seconds, "1T" if kind == "empty" else a.size,
                             direct_qd=qd, queues=queues)
@@ -467,11 +467,12 @@ def measure(a, can_drop, client_mem):
                       f"{r['mbps']:8.1f} MB/s{disk}", file=sys.stderr)
                 if kind == "empty" and os.path.exists(image):
                     os.unlink(image)
-    return results, work, can_drop
+    return results, work
 
 
-def report(a, results, work, can_drop, sock):
+def report(a, results, work, can_drop):
     full = os.path.join(work, "full.vhdx")
+    sock = os.path.join(work, "vhost.sock")
     if a.idle:
         idle_cpu(work, full, sock)
     rows = print_table(results, [j[0] for j in JOBS], BACKENDS)
